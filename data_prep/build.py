@@ -1,0 +1,292 @@
+"""`zeroforge prep`: read -> tokenize -> append in input order -> commit, resumable at any point.
+
+The main process reads records in order and routes each encoded document to its split; worker
+processes only tokenize. Results come back in submission order, so the store is the same for
+any number of workers, and a restart that skips the committed records continues the same
+stream: the finished store is identical however often the build was interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .progress import Progress
+from .sources import Record, SourceOptions, expand_inputs, partition, read_records
+from .store import FORMAT_NAME, FORMAT_VERSION, SPLITS, Layout, create_split_arrays
+from .tokenize import BatchEncoder, get_encoding, token_dtype
+from .writer import BuildDir, Ledger, SplitState, SplitWriter, truncate_array
+
+log = logging.getLogger(__name__)
+
+
+class PrepError(ValueError):
+    """A build that must stop: bad settings, a bad record under --strict, nothing to build."""
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    tokenizer: str = "gpt2"
+    val_fraction: float = 0.0
+    source: SourceOptions = field(default_factory=SourceOptions)
+    layout: Layout = field(default_factory=Layout)
+    # Below: how the build runs, not what it produces (not part of the configuration hash).
+    workers: int = 1
+    strict: bool = False
+    overwrite: bool = False
+    commit_seconds: float = 30.0  # 0 commits after every batch (tests use it)
+    batch_chars: int = 1 << 20  # ~1 MB of text per worker task
+    progress: bool = True
+
+    def validate(self) -> list[str]:
+        problems = self.source.validate() + self.layout.validate()
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.workers < 1:
+            problems.append(f"--workers must be at least 1, got {self.workers}")
+        return problems
+
+    def content_config(self, inputs: Sequence[str], part: tuple[int, int] | None) -> dict[str, Any]:
+        """Everything that decides the store's content: its hash guards resumes and reruns."""
+        return {
+            "inputs": list(inputs),
+            "tokenizer": self.tokenizer,
+            "val_fraction": self.val_fraction,
+            "source": asdict(self.source),
+            "layout": asdict(self.layout),
+            "part": list(part) if part else None,
+        }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def is_val(doc_id: str, val_fraction: float) -> bool:
+    """Stable split: a document's side depends on its id alone, so it never moves."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+    return h < val_fraction * 2**64
+
+
+def _batches(records: Iterator[Record], batch_chars: int, on_skip) -> Iterator[tuple[list[Record], int]]:
+    """Group documents into ~batch_chars batches; report skipped records as they pass.
+
+    Yields (documents, records consumed including skipped ones).
+    """
+    docs: list[Record] = []
+    chars = consumed = 0
+    for rec in records:
+        consumed += 1
+        if rec.skip is not None:
+            on_skip(rec)
+            continue
+        docs.append(rec)
+        chars += len(rec.text)
+        if chars >= batch_chars:
+            yield docs, consumed
+            docs, chars, consumed = [], 0, 0
+    if docs or consumed:
+        yield docs, consumed
+
+
+class _SkipLog:
+    """Counts skipped records by reason; logs file:line for the first few of each reason."""
+
+    PER_REASON = 10
+
+    def __init__(self, counts: dict[str, int], strict: bool):
+        self.counts, self.strict = counts, strict
+
+    def __call__(self, rec: Record) -> None:
+        if self.strict:
+            raise PrepError(f"{rec.where}: {rec.skip} (--strict stops on the first bad record)")
+        reason = rec.skip.split(" (")[0]
+        n = self.counts.get(reason, 0) + 1
+        self.counts[reason] = n
+        if n <= self.PER_REASON:
+            log.warning("skipped %s: %s", rec.where, rec.skip)
+        elif n == self.PER_REASON + 1:
+            log.warning("more records skipped for %r; counting them silently", reason)
+
+
+def _root_attrs(
+    content: dict[str, Any], enc, dtype: np.dtype, ledger: Ledger, splits: dict[str, SplitState], complete: bool
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "complete": complete,
+        "created_by": f"zeroforge {__version__}",
+        "tokenizer": {"name": content["tokenizer"], "vocab_size": enc.n_vocab, "eot_id": enc.eot_token},
+        "dtype": dtype.name,
+        "sources": content["inputs"],
+        "prep_config": content,
+        "prep_config_hash": config_hash(content),
+        "layout": content["layout"],
+        "counts": {
+            s: {"docs": st.n_docs, "tokens": st.tokens_flushed} for s, st in splits.items()
+        },
+        "segments": {s: [[0, 0, st.tokens_flushed]] for s, st in splits.items()},
+        "checksums": {
+            s: {"tokens": f"{st.tokens_crc:08x}", "doc_offsets": f"{st.offsets_crc:08x}"} for s, st in splits.items()
+        },
+        "skipped": {"total": sum(ledger.skipped.values()), "by_reason": dict(sorted(ledger.skipped.items()))},
+        "text_bytes": ledger.text_bytes,
+    }
+
+
+def _existing_config_hash(out: Path, build_dir: BuildDir) -> str | None:
+    if build_dir.exists():
+        return json.loads(build_dir.ledger_path.read_text()).get("config_hash")
+    root = out / "zarr.json"
+    if root.is_file():
+        try:
+            return json.loads(root.read_text()).get("attributes", {}).get("prep_config_hash", "?")
+        except json.JSONDecodeError:
+            return "?"
+    return None
+
+
+def build_store(
+    inputs: Sequence[str],
+    out: str | Path,
+    options: PrepOptions = PrepOptions(),
+    part: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Build (or resume, or confirm) the token store at `out`. Returns the root attributes.
+
+    `part=(i, k)` builds part i of k of the ordered input into `out` (see parts.py).
+    """
+    problems = options.validate()
+    if problems:
+        raise PrepError("; ".join(problems))
+    if not inputs:
+        raise PrepError("no inputs given")
+    import zarr
+
+    out = Path(out)
+    enc = get_encoding(options.tokenizer)
+    units = expand_inputs(inputs)
+    if part is not None:
+        units = partition(units, part[1])[part[0]]
+    content = options.content_config(inputs, part)
+    chash = config_hash(content)
+    build_dir = BuildDir(out)
+
+    existing = _existing_config_hash(out, build_dir)
+    if existing is not None and existing != chash:
+        if not options.overwrite:
+            raise PrepError(
+                f"{out}: exists and was built with other settings; pass --overwrite to replace it, "
+                f"or choose another --out"
+            )
+        shutil.rmtree(out)
+        existing = None
+    if existing is not None and not build_dir.exists():
+        attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+        if attrs.get("complete"):
+            log.info("%s is already complete with these settings: nothing to do", out)
+            return attrs
+        # Killed before its first ledger was written: nothing was committed, start afresh.
+
+    if existing is None and out.exists() and any(out.iterdir()):
+        raise PrepError(f"{out}: exists and is not a token store; choose another --out")
+
+    dtype = token_dtype(enc.n_vocab)
+    fresh = not build_dir.exists() or build_dir.load()[0].commit == 0
+    if fresh:
+        out.mkdir(parents=True, exist_ok=True)
+        ledger, tails = Ledger(config_hash=chash, splits={s: SplitState() for s in SPLITS}), {}
+        group = zarr.open_group(str(out), mode="w", zarr_format=3)
+        for name in SPLITS:
+            create_split_arrays(group, name, dtype, options.layout)
+        group.attrs.update(_root_attrs(content, enc, dtype, ledger, ledger.splits, complete=False))
+        # A kill before this ledger exists leaves complete=false and no ledger: rerun restarts.
+        build_dir.write_initial(ledger)
+    else:
+        ledger, tails = build_dir.load()
+        group = zarr.open_group(str(out), mode="r+")
+        for name, st in ledger.splits.items():
+            truncate_array(group[name]["tokens"], st.tokens_flushed)
+            truncate_array(group[name]["doc_offsets"], st.offsets_flushed)
+        log.info("resuming %s from commit %d (%d records done)", out, ledger.commit, ledger.records_done)
+
+    writers = {
+        name: SplitWriter(group, name, options.layout.shard_tokens, options.layout.offsets_shard, st, tails.get(name, {}))
+        for name, st in ledger.splits.items()
+    }
+    _run(units, options, ledger, writers, build_dir)
+
+    if sum(w.n_docs for w in writers.values()) == 0:
+        build_dir.remove()
+        shutil.rmtree(out, ignore_errors=True)
+        raise PrepError(f"no documents in {', '.join(inputs)} ({sum(ledger.skipped.values())} records skipped)")
+    for w in writers.values():
+        w.finish()
+    final = {name: w.state() for name, w in writers.items()}
+    attrs = _root_attrs(content, enc, dtype, ledger, final, complete=True)
+    # The completion flag goes last: a kill before this line leaves a store readers refuse.
+    group.attrs.update(attrs)
+    build_dir.remove()
+    return attrs
+
+
+def _run(units, options: PrepOptions, ledger: Ledger, writers: dict[str, SplitWriter], build_dir: BuildDir) -> None:
+    records = read_records(units, options.source)
+    for _ in range(ledger.records_done):  # already committed: re-read, don't re-tokenize
+        if next(records, None) is None:
+            raise PrepError("the inputs have fewer records than the interrupted build consumed: "
+                            "they changed since; pass --overwrite to rebuild")
+    skip_log = _SkipLog(ledger.skipped, options.strict)
+    total_bytes = sum(u.size for u in units) if all(u.size for u in units) else None
+    progress = Progress(total_bytes, done_bytes=ledger.text_bytes, enabled=options.progress)
+    batches = _batches(records, options.batch_chars, skip_log)
+    # The consumed-record counts travel beside the encoder's output, in the same order.
+    pending: list[tuple[list[Record], int]] = []
+
+    def texts():
+        for docs, consumed in batches:
+            pending.append((docs, consumed))
+            yield [d.text for d in docs]
+
+    last_commit = time.monotonic()
+    with BatchEncoder(options.tokenizer, options.workers) as encoder:
+        for tokens, lengths in encoder.map(texts()):
+            docs, consumed = pending.pop(0)
+            _route(docs, tokens, lengths, writers, options.val_fraction)
+            ledger.records_done += consumed
+            nbytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs)
+            ledger.text_bytes += nbytes
+            progress.update(len(docs), len(tokens), nbytes)
+            if time.monotonic() - last_commit >= options.commit_seconds:
+                build_dir.commit(ledger, writers)
+                last_commit = time.monotonic()
+    progress.close()
+
+
+def _route(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, writers, val_fraction: float) -> None:
+    """Append each document to its split, keeping input order within each split."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    side = np.fromiter((is_val(d.id, val_fraction) for d in docs), dtype=bool, count=len(docs))
+    for name, mask in (("train", ~side), ("val", side)):
+        if not mask.any():
+            continue
+        if mask.all():
+            writers[name].add(tokens, lengths)
+            continue
+        idx = np.nonzero(mask)[0]
+        pieces = [tokens[starts[i] : ends[i]] for i in idx]
+        writers[name].add(np.concatenate(pieces), lengths[idx])

