@@ -174,44 +174,71 @@ def build_store(
         raise PrepError("; ".join(problems))
     if not inputs:
         raise PrepError("no inputs given")
-    import zarr
-
     out = Path(out)
     enc = get_encoding(options.tokenizer)
     units = expand_inputs(inputs)
     if part is not None:
         units = partition(units, part[1])[part[0]]
     content = options.content_config(inputs, part)
-    chash = config_hash(content)
     build_dir = BuildDir(out)
+    done = _check_existing(out, build_dir, config_hash(content), options.overwrite)
+    if done is not None:
+        log.info("%s is already complete with these settings: nothing to do", out)
+        return done
+    # Workers fork from here, before zarr starts its event-loop thread.
+    with BatchEncoder(options.tokenizer, options.workers) as encoder:
+        group, ledger, writers = _open_for_append(out, build_dir, content, enc, options.layout)
+        _run(units, options, encoder, ledger, writers, build_dir)
+    if sum(w.n_docs for w in writers.values()) == 0 and part is None:  # an empty part is fine
+        shutil.rmtree(out, ignore_errors=True)
+        raise PrepError(f"no documents in {', '.join(inputs)} ({sum(ledger.skipped.values())} records skipped)")
+    for w in writers.values():
+        w.finish()
+    final = {name: w.state() for name, w in writers.items()}
+    attrs = _root_attrs(content, enc, token_dtype(enc.n_vocab), ledger, final, complete=True)
+    # The completion flag goes last: a kill before this line leaves a store readers refuse.
+    group.attrs.update(attrs)
+    build_dir.remove()
+    return attrs
 
+
+def _check_existing(out: Path, build_dir: BuildDir, chash: str, overwrite: bool) -> dict[str, Any] | None:
+    """The attributes of a complete store built with these settings (a no-op rerun), else None.
+
+    Refuses an output built with other settings (unless overwrite) or one that is not a store.
+    """
     existing = _existing_config_hash(out, build_dir)
     if existing is not None and existing != chash:
-        if not options.overwrite:
+        if not overwrite:
             raise PrepError(
                 f"{out}: exists and was built with other settings; pass --overwrite to replace it, "
                 f"or choose another --out"
             )
         shutil.rmtree(out)
-        existing = None
-    if existing is not None and not build_dir.exists():
+        return None
+    if existing is None:
+        if out.exists() and any(out.iterdir()):
+            raise PrepError(f"{out}: exists and is not a token store; choose another --out")
+        return None
+    if not build_dir.exists():
         attrs = json.loads((out / "zarr.json").read_text())["attributes"]
         if attrs.get("complete"):
-            log.info("%s is already complete with these settings: nothing to do", out)
             return attrs
         # Killed before its first ledger was written: nothing was committed, start afresh.
+    return None
 
-    if existing is None and out.exists() and any(out.iterdir()):
-        raise PrepError(f"{out}: exists and is not a token store; choose another --out")
+
+def _open_for_append(out: Path, build_dir: BuildDir, content: dict[str, Any], enc, layout: Layout):
+    """Create the store, or reopen an interrupted build truncated to its last commit."""
+    import zarr
 
     dtype = token_dtype(enc.n_vocab)
-    fresh = not build_dir.exists() or build_dir.load()[0].commit == 0
-    if fresh:
+    if not build_dir.exists() or build_dir.load()[0].commit == 0:
         out.mkdir(parents=True, exist_ok=True)
-        ledger, tails = Ledger(config_hash=chash, splits={s: SplitState() for s in SPLITS}), {}
+        ledger, tails = Ledger(config_hash(content), splits={s: SplitState() for s in SPLITS}), {}
         group = zarr.open_group(str(out), mode="w", zarr_format=3)
         for name in SPLITS:
-            create_split_arrays(group, name, dtype, options.layout)
+            create_split_arrays(group, name, dtype, layout)
         group.attrs.update(_root_attrs(content, enc, dtype, ledger, ledger.splits, complete=False))
         # A kill before this ledger exists leaves complete=false and no ledger: rerun restarts.
         build_dir.write_initial(ledger)
@@ -222,28 +249,16 @@ def build_store(
             truncate_array(group[name]["tokens"], st.tokens_flushed)
             truncate_array(group[name]["doc_offsets"], st.offsets_flushed)
         log.info("resuming %s from commit %d (%d records done)", out, ledger.commit, ledger.records_done)
-
     writers = {
-        name: SplitWriter(group, name, options.layout.shard_tokens, options.layout.offsets_shard, st, tails.get(name, {}))
+        name: SplitWriter(group, name, layout.shard_tokens, layout.offsets_shard, st, tails.get(name, {}))
         for name, st in ledger.splits.items()
     }
-    _run(units, options, ledger, writers, build_dir)
-
-    if sum(w.n_docs for w in writers.values()) == 0:
-        build_dir.remove()
-        shutil.rmtree(out, ignore_errors=True)
-        raise PrepError(f"no documents in {', '.join(inputs)} ({sum(ledger.skipped.values())} records skipped)")
-    for w in writers.values():
-        w.finish()
-    final = {name: w.state() for name, w in writers.items()}
-    attrs = _root_attrs(content, enc, dtype, ledger, final, complete=True)
-    # The completion flag goes last: a kill before this line leaves a store readers refuse.
-    group.attrs.update(attrs)
-    build_dir.remove()
-    return attrs
+    return group, ledger, writers
 
 
-def _run(units, options: PrepOptions, ledger: Ledger, writers: dict[str, SplitWriter], build_dir: BuildDir) -> None:
+def _run(
+    units, options: PrepOptions, encoder: BatchEncoder, ledger: Ledger, writers: dict[str, SplitWriter], build_dir: BuildDir
+) -> None:
     records = read_records(units, options.source)
     for _ in range(ledger.records_done):  # already committed: re-read, don't re-tokenize
         if next(records, None) is None:
@@ -262,17 +277,16 @@ def _run(units, options: PrepOptions, ledger: Ledger, writers: dict[str, SplitWr
             yield [d.text for d in docs]
 
     last_commit = time.monotonic()
-    with BatchEncoder(options.tokenizer, options.workers) as encoder:
-        for tokens, lengths in encoder.map(texts()):
-            docs, consumed = pending.pop(0)
-            _route(docs, tokens, lengths, writers, options.val_fraction)
-            ledger.records_done += consumed
-            nbytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs)
-            ledger.text_bytes += nbytes
-            progress.update(len(docs), len(tokens), nbytes)
-            if time.monotonic() - last_commit >= options.commit_seconds:
-                build_dir.commit(ledger, writers)
-                last_commit = time.monotonic()
+    for tokens, lengths in encoder.map(texts()):
+        docs, consumed = pending.pop(0)
+        _route(docs, tokens, lengths, writers, options.val_fraction)
+        ledger.records_done += consumed
+        nbytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs)
+        ledger.text_bytes += nbytes
+        progress.update(len(docs), len(tokens), nbytes)
+        if time.monotonic() - last_commit >= options.commit_seconds:
+            build_dir.commit(ledger, writers)
+            last_commit = time.monotonic()
     progress.close()
 
 

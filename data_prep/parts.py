@@ -55,7 +55,7 @@ def _load_parts(store: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 def _single_build_config(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     configs = []
-    for d, attrs in parts:
+    for _d, attrs in parts:
         c = dict(attrs["prep_config"])
         c["part"] = None
         configs.append(c)
@@ -100,7 +100,7 @@ def finalize(store: str | Path) -> dict[str, Any]:
         arr.resize((0,))
         offsets = ArrayAppender(arr, layout.offsets_shard)
         offsets.append(np.zeros(1, dtype=np.int64))
-        for part, base in zip(plan["parts"], plan["logical_start"][split]):
+        for part, base in zip(plan["parts"], plan["logical_start"][split], strict=True):
             part_offsets = np.asarray(zarr.open_array(os.path.join(part, split, "doc_offsets"), mode="r")[:])
             offsets.append(part_offsets[1:] + base)
         offsets.finish()

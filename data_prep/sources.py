@@ -90,20 +90,23 @@ def _file_unit(path: Path, root: Path) -> Unit:
     return Unit(_file_kind(path.name), str(path), path.relative_to(root).as_posix(), path.stat().st_size)
 
 
-def _walk_sorted(directory: Path) -> list[Path]:
-    files = []
+def _walk_sorted(directory: Path, skip_dirs: tuple[str, ...] = ()) -> list[Path]:
+    """Files under `directory` in sorted relative-path order, hidden entries left out."""
+    found = []
     for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(files, key=lambda p: p.relative_to(directory).as_posix())
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
+        rel = os.path.relpath(dirpath, directory)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        found.extend((prefix + f, os.path.join(dirpath, f)) for f in filenames if not f.startswith("."))
+    return [Path(full) for _, full in sorted(found)]
 
 
 def _stdlib_units() -> list[Unit]:
     root = Path(sysconfig.get_paths()["stdlib"])
     units = []
-    for path in _walk_sorted(root):
-        rel = path.relative_to(root).as_posix()
-        if path.suffix == ".py" and not rel.startswith(("site-packages/", "test/", "idlelib/idle_test/")):
+    for path in _walk_sorted(root, skip_dirs=("site-packages", "__pycache__")):
+        if path.suffix == ".py":
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
             units.append(Unit("text", str(path), "stdlib/" + rel, path.stat().st_size))
     return units
 
@@ -157,7 +160,7 @@ def partition(units: Sequence[Unit], num_parts: int) -> list[list[Unit]]:
     total = sum(sizes)
     parts: list[list[Unit]] = [[] for _ in range(num_parts)]
     done = 0
-    for unit, size in zip(units, sizes):
+    for unit, size in zip(units, sizes, strict=True):
         # Assign by the unit's midpoint so a big unit lands in the part that holds most of it.
         k = min(num_parts - 1, int((done + size / 2) * num_parts / total))
         parts[k].append(unit)

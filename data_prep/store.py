@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -161,6 +162,10 @@ def _check_crc32c(data: bytes, stored: bytes, what: str) -> None:
         raise StoreError(f"{what}: checksum mismatch (data corrupted)")
 
 
+_live_readers: weakref.WeakSet = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [r._after_fork() for r in list(_live_readers)])
+
+
 class SplitReader:
     """Random access to one split: `tokens(a, b)`, `doc(i)`, sizes."""
 
@@ -176,7 +181,8 @@ class SplitReader:
         self._codec = layout.codec
         self._shards: dict[int, _ShardFile] = {}
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._identity = len(self.segments) <= 1 and all(lg == ph for lg, ph, _ in self.segments)
+        _live_readers.add(self)
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -201,6 +207,8 @@ class SplitReader:
         """Tokens [a, b) of the logical stream (a copy)."""
         if not 0 <= a <= b <= self.n_tokens:
             raise IndexError(f"tokens[{a}:{b}] out of range for split {self.name} ({self.n_tokens} tokens)")
+        if self._identity:  # single build: logical == physical
+            return self._physical(a, b)
         parts = []
         for logical, physical, length in self.segments:
             lo, hi = max(a, logical), min(b, logical + length)
@@ -208,24 +216,25 @@ class SplitReader:
                 parts.append(self._physical(physical + lo - logical, physical + hi - logical))
         if not parts:
             return np.empty(0, dtype=self.store.dtype)
-        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _physical(self, a: int, b: int) -> np.ndarray:
         if not self.store.local:
             return np.asarray(self._arrays["tokens"][a:b])
         out, pos = [], a
         while pos < b:
-            shard = pos // self._shard
-            within = pos - shard * self._shard
+            shard, within = divmod(pos, self._shard)
             c, start = divmod(within, self._chunk)
             stop = min(self._chunk, start + (b - pos))
-            out.append(self._shard_file(shard).read(c, start, stop, self.store.dtype))
+            f = self._shards.get(shard) or self._shard_file(shard)
+            out.append(f.read(c, start, stop, self.store.dtype))
             pos += stop - start
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        if len(out) == 1:
+            # frombuffer views are read-only; training code wants its own writable array.
+            return out[0].copy()
+        return np.concatenate(out) if out else np.empty(0, dtype=self.store.dtype)
 
     def _shard_file(self, k: int) -> _ShardFile:
-        if os.getpid() != self._pid:  # forked (e.g. a DataLoader worker): descriptors are shared
-            self._shards, self._pid = {}, os.getpid()
         f = self._shards.get(k)
         if f is None:
             with self._lock:
@@ -234,6 +243,10 @@ class SplitReader:
                     f = self._open_shard(k)
                     self._shards[k] = f
         return f
+
+    def _after_fork(self) -> None:
+        # A forked child (e.g. a DataLoader worker) must not share file offsets or locks.
+        self._shards, self._lock = {}, threading.Lock()
 
     def _open_shard(self, k: int) -> _ShardFile:
         path = os.path.join(self.store.path, self.name, "tokens", "c", str(k))

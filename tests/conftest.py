@@ -1,0 +1,19 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real corpora in ../shared/data (tinyshakespeare, wikitext-2). The only way tests
+    reach ../shared: absent on a plain clone, and then the tests that need it skip."""
+    if not (SHARED_DATA / "tinyshakespeare.txt").is_file():
+        pytest.skip(f"real corpora not found at {SHARED_DATA} (../shared/data beside the repo)")
+    return SHARED_DATA
