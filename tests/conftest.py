@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# A real `mlflow server` for the whole session, started on first use
+# (tests/helpers/mlflow_server.py); importing the fixture here registers it once for every test.
+from tests.helpers.mlflow_server import mlflow_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
