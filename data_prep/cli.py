@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from .build import PrepError, PrepOptions, build_store
 from .sources import BUILTIN_CORPORA, TEXT_MODES, SourceError, SourceOptions
@@ -85,6 +86,7 @@ def options_from_args(args) -> PrepOptions:
 def run(args) -> int:
     from .parts import finalize, part_dir
 
+    t0 = time.monotonic()
     try:
         if args.finalize:
             attrs = finalize(args.finalize)
@@ -99,11 +101,16 @@ def run(args) -> int:
     except (PrepError, SourceError, TokenizerError) as exc:
         print(f"zeroforge prep: error: {exc}", file=sys.stderr)
         return 2
-    summary = {s: c for s, c in attrs["counts"].items()}
+    elapsed = time.monotonic() - t0
+    counts = attrs["counts"]
+    tokens = sum(c["tokens"] for c in counts.values())
     log.info(
-        "done: %s; skipped %d records%s",
-        ", ".join(f"{s}: {c['docs']} docs, {c['tokens']} tokens" for s, c in summary.items()),
+        "done in %.1fs: %s; skipped %d records%s; %.0f tokens/s, %.1f MB/s of text",
+        elapsed,
+        ", ".join(f"{s}: {c['docs']:,} docs, {c['tokens']:,} tokens" for s, c in counts.items()),
         attrs["skipped"]["total"],
         f" {json.dumps(attrs['skipped']['by_reason'])}" if attrs["skipped"]["total"] else "",
+        tokens / max(elapsed, 1e-9),
+        attrs["text_bytes"] / 1e6 / max(elapsed, 1e-9),
     )
     return 0

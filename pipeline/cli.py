@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("pipeline.evaluate", "validation loss / perplexity of a checkpoint"),
     "sample": ("pipeline.sample", "generate text from a checkpoint"),
     "export": ("pipeline.export", "export a checkpoint to Hugging Face format"),
+    "launch": ("launch.cli", "launch on Slurm (sbatch) or a hostfile cluster (DeepSpeed runner)"),
     "demo": ("pipeline.demo", "run the whole pipeline on the builtin offline corpus (CPU)"),
 }
 
