@@ -82,7 +82,10 @@ def _file_kind(path: str) -> str:
 
 
 def _is_saved_hf_dataset(path: Path) -> bool:
-    # `Dataset.save_to_disk` writes these next to its arrow files.
+    # `Dataset.save_to_disk` writes these next to its arrow files; a DatasetDict writes
+    # dataset_dict.json above one such directory per split.
+    if (path / "dataset_dict.json").is_file():
+        return True
     return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
