@@ -217,7 +217,7 @@ def _check_existing(out: Path, build_dir: BuildDir, chash: str, overwrite: bool)
         shutil.rmtree(out)
         return None
     if existing is None:
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise PrepError(f"{out}: exists and is not a token store; choose another --out")
         return None
     if not build_dir.exists():
@@ -244,6 +244,9 @@ def _open_for_append(out: Path, build_dir: BuildDir, content: dict[str, Any], en
         build_dir.write_initial(ledger)
     else:
         ledger, tails = build_dir.load()
+        # zarr writes every file as NAME.<uuid>.partial then renames it: a kill leaves the tmp.
+        for torn in out.rglob("*.partial"):
+            torn.unlink()
         group = zarr.open_group(str(out), mode="r+")
         for name, st in ledger.splits.items():
             truncate_array(group[name]["tokens"], st.tokens_flushed)

@@ -176,7 +176,7 @@ def _decode(raw: bytes, where: str) -> tuple[str | None, str | None]:
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as exc:
-        return None, f"invalid UTF-8 at byte {exc.start}"
+        return None, f"invalid UTF-8 (at byte {exc.start})"
 
 
 def _text_record(doc_id: str, where: str, text: str | None, skip: str | None) -> Record:

@@ -197,7 +197,10 @@ class SplitReader:
 
     @cached_property
     def doc_offsets(self) -> np.ndarray:
-        offsets = np.asarray(self._arrays["doc_offsets"][:], dtype=np.int64)
+        try:
+            offsets = np.asarray(self._arrays["doc_offsets"][:], dtype=np.int64)
+        except ValueError as exc:  # zarr's own CRC-32C check on a chunk
+            raise StoreError(f"{self.store.path}/{self.name}/doc_offsets: {exc}") from exc
         expected = self.store.attrs["checksums"][self.name]["doc_offsets"]
         if f"{crc32(offsets):08x}" != expected:
             raise StoreError(f"{self.store.path}/{self.name}/doc_offsets: checksum mismatch")
@@ -228,7 +231,10 @@ class SplitReader:
 
     def _physical(self, a: int, b: int) -> np.ndarray:
         if not self.store.local:
-            return np.asarray(self._arrays["tokens"][a:b])
+            try:
+                return np.asarray(self._arrays["tokens"][a:b])
+            except ValueError as exc:  # zarr's own CRC-32C check on a chunk
+                raise StoreError(f"{self.store.path}/{self.name}/tokens[{a}:{b}]: {exc}") from exc
         out, pos = [], a
         while pos < b:
             shard, within = divmod(pos, self._shard)

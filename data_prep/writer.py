@@ -198,8 +198,7 @@ class BuildDir:
 
 
 def truncate_array(array, length: int) -> None:
-    """Cut an array back to `length` elements; delete shard files written past it, and the
-    temporary `<shard>.<uuid>.partial` files a kill during zarr's write-then-rename leaves."""
+    """Cut an array back to `length` elements and delete shard files written past it."""
     array.resize((length,))
     shard = array.shards[0] if array.shards else array.chunks[0]
     store_path = getattr(array.store, "root", None)
@@ -209,5 +208,5 @@ def truncate_array(array, length: int) -> None:
     if shard_dir.is_dir():
         first_stale = -(-length // shard)
         for f in shard_dir.iterdir():
-            if not f.name.isdigit() or int(f.name) >= first_stale:
+            if f.name.isdigit() and int(f.name) >= first_stale:
                 f.unlink()
