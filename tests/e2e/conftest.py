@@ -1,0 +1,159 @@
+"""Real multi-process training runs for the e2e tests: a tiny token store and a launcher helper.
+
+Every run is a real `deepspeed --num_gpus N --module pipeline.train` (CPU ranks over gloo) of
+configs/gpt2-tiny-cpu.yaml shrunk further by overrides. Each launch costs several seconds of
+startup on 2 cores, so tests share runs through module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.mlflow_server import mlflow_server  # noqa: F401  (registers the fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+TINY_CONFIG = str(REPO / "configs" / "gpt2-tiny-cpu.yaml")
+RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="session")
+def tiny_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real token store from ~200 KB of tinyshakespeare, one document per paragraph."""
+    from data_prep.build import PrepOptions, build_store
+    from data_prep.sources import SourceOptions
+
+    root = tmp_path_factory.mktemp("store")
+    text = root / "shakespeare.txt"
+    text.write_text((shared_data / "tinyshakespeare.txt").read_text()[:200_000])
+    out = root / "store"
+    build_store([str(text)], out, PrepOptions(tokenizer="gpt2", val_fraction=0.1,
+                                              source=SourceOptions(text_mode="paragraph"),
+                                              progress=False))
+    return out
+
+
+def tiny_overrides(store: Path, run_dir: Path, **extra: object) -> list[str]:
+    """Overrides making gpt2-tiny-cpu as small as a meaningful run gets."""
+    base: dict[str, object] = {
+        "data.store": str(store), "run_dir": str(run_dir), "data.seq_len": 32,
+        "data.val_windows": 4, "data.prefetch": 2, "train.micro_batch_size": 2,
+        "train.grad_accum": 1, "train.log_every": 1, "train.eval_every": 0,
+        "train.sample_tokens": 0, "tracking.backend": "none", "optim.warmup_steps": 2,
+        "optim.lr": 3e-3,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+    run_dir: Path
+    records: list[dict]  # metrics.jsonl as it was when this launch ended
+
+    def metrics(self) -> list[dict]:
+        return self.records
+
+
+def free_port() -> int:
+    from pipeline.dist import free_port as fp
+
+    return fp()
+
+
+def start(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None
+          ) -> tuple[subprocess.Popen, Path]:
+    """Start a run in its own session (so a debug SIGKILL of the process group spares pytest)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / f"launch-{time.time_ns()}.log"
+    if nproc == 1:
+        cmd = [PYTHON, "-m", "pipeline.train", "--config", TINY_CONFIG, *overrides]
+    else:
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+               "--module", "pipeline.train", "--config", TINY_CONFIG, *overrides]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, log
+
+
+def finish(proc: subprocess.Popen, log: Path, run_dir: Path) -> Result:
+    try:
+        proc.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"run timed out; log:\n{log.read_text()[-5000:]}") from None
+    return Result(proc.returncode, log.read_text(), run_dir, read_metrics(run_dir))
+
+
+def launch(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None
+           ) -> Result:
+    proc, log = start(run_dir, overrides, nproc, env)
+    return finish(proc, log, run_dir)
+
+
+def rank_processes(proc: subprocess.Popen) -> dict[int, object]:
+    """{local rank: psutil.Process} of the training ranks under a deepspeed launcher."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "pipeline.train" in cmd:
+            for arg in cmd:
+                if arg.startswith("--local_rank="):
+                    out[int(arg.split("=")[1])] = child
+    return out
+
+
+def wait_for_step(result_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 180
+                  ) -> None:
+    """Block until metrics.jsonl has a record with ``step`` >= step (or the run ended)."""
+    path = result_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) >= step:
+                        return
+                except json.JSONDecodeError:
+                    continue  # a line being written
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def losses(records: list[dict]) -> dict[int, object]:
+    """step -> train/loss (the last record of each step wins)."""
+    return {r["step"]: r.get("train/loss") for r in records if "train/loss" in r}
+
+
+def checksums(record: dict) -> list[float]:
+    keys = sorted(k for k in record if k.startswith("debug/param_checksum_rank"))
+    return [record[k] for k in keys]

@@ -1,0 +1,66 @@
+"""Checkpoint bookkeeping without DeepSpeed: which tags count as committed, pruning, the
+compatibility check. (Saving and resuming through a real engine: tests/e2e/test_train_resume.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import checkpoint as ckpt
+
+
+def _tag(root, step, commit=True):
+    d = root / ckpt.tag_for(step)
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if commit:
+        (d / ckpt.MARKER).write_text(json.dumps({"step": step}))
+
+
+def test_committed_partial_latest(tmp_path):
+    assert ckpt.latest_committed(tmp_path / "none") is None
+    _tag(tmp_path, 5)
+    _tag(tmp_path, 10)
+    _tag(tmp_path, 15, commit=False)
+    (tmp_path / "step_junk").mkdir()
+    assert ckpt.committed(tmp_path) == [(5, "step_00000005"), (10, "step_00000010")]
+    assert ckpt.partial(tmp_path) == [(15, "step_00000015")]
+    assert ckpt.latest_committed(tmp_path) == (10, "step_00000010")
+    assert ckpt.read_marker(tmp_path, "step_00000010")["step"] == 10
+
+
+def test_prune_keeps_last_k_and_drops_stale_partials(tmp_path):
+    for s in (1, 2, 3, 4):
+        _tag(tmp_path, s)
+    _tag(tmp_path, 0, commit=False)   # older than the newest commit: abandoned
+    _tag(tmp_path, 9, commit=False)   # newer: may be in flight, kept
+    ckpt._prune(tmp_path, keep_last=2)
+    assert [s for s, _ in ckpt.committed(tmp_path)] == [3, 4]
+    assert [s for s, _ in ckpt.partial(tmp_path)] == [9]
+
+
+def test_atomic_write_replaces(tmp_path):
+    p = tmp_path / "latest"
+    ckpt._atomic_write(p, b"step_00000001")
+    ckpt._atomic_write(p, b"step_00000002")
+    assert p.read_text() == "step_00000002"
+    assert [x.name for x in tmp_path.iterdir()] == ["latest"]
+
+
+def test_check_compatible_refuses_changed_model_or_store():
+    saved = {"format_version": ckpt.FORMAT_VERSION, "model_config": {"n_layer": 2, "n_embd": 64},
+             "store_fingerprint": "abc"}
+    ckpt.check_compatible(saved, {"n_layer": 2, "n_embd": 64}, "abc", "x")
+    with pytest.raises(ckpt.ResumeError, match=r"model.n_layer: 2 -> 3"):
+        ckpt.check_compatible(saved, {"n_layer": 3, "n_embd": 64}, "abc", "x")
+    with pytest.raises(ckpt.ResumeError, match="token store changed"):
+        ckpt.check_compatible(saved, {"n_layer": 2, "n_embd": 64}, "def", "x")
+
+
+def test_config_validation():
+    assert ckpt.CheckpointConfig().validate() == []
+    msgs = "\n".join(ckpt.CheckpointConfig(every=-1, keep_last=0).validate())
+    assert "checkpoint.every" in msgs and "checkpoint.keep_last" in msgs
+    assert ckpt.CheckpointConfig().path("/r").as_posix() == "/r/checkpoints"
+    assert ckpt.CheckpointConfig(dir="/c").path("/r").as_posix() == "/c"
