@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=Layout.chunk_tokens, help="tokens per inner chunk")
     p.add_argument("--commit-seconds", type=float, default=30.0, help="seconds between resumable commits")
     p.add_argument("--num-parts", type=int, default=None, help="split the input into K parts (default $SLURM_ARRAY_TASK_COUNT)")
-    p.add_argument("--part", type=int, default=None, help="build part I of K (default $SLURM_ARRAY_TASK_ID - MIN)")
+    p.add_argument("--part", type=int, default=None, help="build part I of K (default $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--finalize", metavar="STORE", help="stitch the built parts of STORE into one store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress log lines")
 
@@ -53,7 +53,9 @@ def _part_from_env(args) -> tuple[int, int] | None:
     if k is None and "SLURM_ARRAY_TASK_COUNT" in os.environ:
         k = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
     if i is None and "SLURM_ARRAY_TASK_ID" in os.environ and k is not None:
-        i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        # The task id itself: resubmitting only task 3 of `--array=0-7` must rebuild part 3.
+        # (Its SLURM_ARRAY_TASK_COUNT is then 1, so such a resubmission passes --num-parts.)
+        i = int(os.environ["SLURM_ARRAY_TASK_ID"])
     if k is None and i is None:
         return None
     if k is None or i is None:

@@ -31,6 +31,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a ch
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DEFAULT_MASTER_PORT = 29500
+# Slurm jobs: the rendezvous port derives from the job id (launch/slurm templates use the same).
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
 
 
 @dataclass(frozen=True)
@@ -61,16 +63,71 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
         raise ValueError(f"environment variable {key}={raw!r} is not an integer") from None
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside [...]: ``a[1,3],b`` -> [``a[1,3]``, ``b``]."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in node list {text!r}")
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced '[' in node list {text!r}")
+    items.append(text[start:])
+    return [s for s in (x.strip() for x in items) if s]
+
+
+def _expand_range(spec: str, where: str) -> list[str]:
+    out = []
+    for part in spec.split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad range {part!r} in node list {where!r}")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {part!r} in node list {where!r}")
+        width = len(lo)  # Slurm keeps the zero padding of the lower bound: 08-10 -> 08 09 10
+        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list, in order (what `scontrol show hostnames` prints).
+
+    ``gpu[01-03,07],login1`` -> gpu01 gpu02 gpu03 gpu07 login1; several bracket groups in one
+    name expand as a product (``r[1-2]n[1-2]`` -> r1n1 r1n2 r2n1 r2n2).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        names = [""]
+        for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            if not text and not ranges:
+                continue
+            values = _expand_range(ranges, nodelist) if ranges else [""]
+            names = [n + text + v for n in names for v in values]
+        hosts.extend(names)
+    if not hosts:
+        raise ValueError(f"empty node list {nodelist!r}")
+    return hosts
+
+
+def master_port(job_id: int) -> int:
+    """Rendezvous port of a job: unique among concurrent jobs sharing a node (ids are
+    consecutive), the same after a requeue (the id stays), and clear of ephemeral ports."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+
 def first_slurm_host(nodelist: str) -> str:
     """First host of a Slurm node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return expand_nodelist(nodelist)[0]
 
 
 def discover(env: Mapping[str, str] | None = None) -> DistEnv:
@@ -106,7 +163,7 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
             addr = first_slurm_host(nodelist) if nodelist else "127.0.0.1"
         if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
             # Derive the port from the job id so concurrent jobs on a node do not collide.
-            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000
+            port = master_port(_int(env, "SLURM_JOB_ID"))
     elif "OMPI_COMM_WORLD_RANK" in env:
         source = "mpi"
         rank = _int(env, "OMPI_COMM_WORLD_RANK")

@@ -123,11 +123,10 @@ def test_slurm_array_environment_picks_the_part(zf, corpus, tmp_path, monkeypatc
     _prep(zf, inputs, tmp_path / "single")
     out = tmp_path / "multi"
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
-    for task in (10, 11, 12):
+    for task in (0, 1, 2):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
         _prep(zf, inputs, out)
-        assert root_attrs(part_dir(out, task - 10, 3))["complete"]
+        assert root_attrs(part_dir(out, task, 3))["complete"]
     assert sorted(p.name for p in (out / "parts").iterdir()) == [
         f"part-0000{i}-of-00003" for i in range(3)
     ]
@@ -135,11 +134,12 @@ def test_slurm_array_environment_picks_the_part(zf, corpus, tmp_path, monkeypatc
     assert_reads_like(out, tmp_path / "single", random.Random(1))
 
 
-def test_slurm_task_min_defaults_to_zero(zf, corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+def test_resubmitted_array_task_builds_its_own_part(zf, corpus, tmp_path, monkeypatch):
+    """`sbatch --array=1` again after a failure: the task id is the part, --num-parts the count."""
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
-    monkeypatch.delenv("SLURM_ARRAY_TASK_MIN", raising=False)
-    _prep(zf, _inputs(corpus, None), tmp_path / "m")
+    _prep(zf, [*_inputs(corpus, None), "--num-parts", "2"], tmp_path / "m")
     assert [p.name for p in (tmp_path / "m" / "parts").iterdir()] == ["part-00001-of-00002"]
 
 
