@@ -152,7 +152,9 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
         marker = {"step": step, "time": time.time(), "format_version": FORMAT_VERSION,
                   "config_hash": client_state.get("config_hash"),
                   "store_fingerprint": client_state.get("store_fingerprint"),
-                  "model_config": client_state.get("model_config")}
+                  "model_config": client_state.get("model_config"),
+                  # The layout an elastic resume must adapt to (pipeline/elastic.py).
+                  "world_size": engine.dp_world_size, "global_batch": engine.train_batch_size()}
         _atomic_write(tag_dir / MARKER, json.dumps(marker, indent=1).encode())
         _atomic_write(root / LATEST, tag.encode())
         _prune(root, keep_last)

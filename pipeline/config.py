@@ -109,6 +109,9 @@ class RunConfig:
     run_dir: str = "runs/default"  # checkpoints, resolved configs, metrics.jsonl, logs
     deepspeed_config: str = DEFAULT_DS_CONFIG  # path; relative: to the CWD, then the repo root
     deepspeed: dict[str, Any] = field(default_factory=dict)  # overrides into deepspeed_config
+    # Start from these weights (a checkpoint, run dir or HF directory) with a fresh optimizer;
+    # ignored once the run has checkpoints of its own (it resumes from them).
+    init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)

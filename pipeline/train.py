@@ -12,6 +12,7 @@ checkpoint). Debug hooks for tests (environment variables, documented in docs/tr
     ZEROFORGE_DEBUG_KILL_AFTER_STEP=13   SIGKILL the process group after step 13 is logged
     ZEROFORGE_DEBUG_KILL_IN_SAVE=8       SIGKILL it in the middle of checkpoint 8 (checkpoint.py)
     ZEROFORGE_DEBUG_CHECKSUM=1           log every rank's parameter checksum in metrics.jsonl
+    ZEROFORGE_DEBUG_SAMPLE_IDS=1         log the sample ids each step consumed (all ranks)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ log = logging.getLogger("zeroforge.train")
 DEBUG_NAN_STEPS = "ZEROFORGE_DEBUG_NAN_STEPS"
 DEBUG_KILL_AFTER_STEP = "ZEROFORGE_DEBUG_KILL_AFTER_STEP"
 DEBUG_CHECKSUM = "ZEROFORGE_DEBUG_CHECKSUM"
+DEBUG_SAMPLE_IDS = "ZEROFORGE_DEBUG_SAMPLE_IDS"
 
 
 class TrainingError(RuntimeError):
@@ -234,6 +236,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     from pipeline import checkpoint as ckpt
     from pipeline.data import TrainLoader, val_batches
     from pipeline.dist import seed_everything
+    from pipeline.elastic import plan_resume
     from pipeline.engine import build_engine, merge_ds_config
     from pipeline.tracking import make_tracker, run_params
 
@@ -244,20 +247,32 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     if model_config.vocab_size < vocab:
         raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
                          f"token store's vocabulary ({vocab}, tokenizer {tokenizer})")
-    ds = merge_ds_config(cfg, d.world_size)
+    # A checkpoint from another world size: keep its global batch, load it re-partitioned.
+    plan = plan_resume(ckpt_dir, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                       d.world_size, d.rank)
+    cfg = plan.run_config(cfg)
+    ds = plan.ds_config(merge_ds_config(cfg, d.world_size))
 
     # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts them).
     seed_everything(cfg.train.seed)
     model = GPT2(model_config) if isinstance(model_config, GPT2Config) else \
         EncoderDecoder(model_config)
     n_params = sum(p.numel() for p in model.parameters())
+    latest = ckpt.latest_committed(ckpt_dir)
+    if cfg.init_from and latest is None:
+        # Fine-tuning / continued pretraining: pretrained weights, fresh optimizer, step 0.
+        # Loaded into the plain module before DeepSpeed wraps (and, at ZeRO-3, partitions) it.
+        from pipeline.weights import init_from
+
+        source = init_from(model, cfg.init_from, tokenizer)
+        if d.rank == 0:
+            log.info("init_from: %s; fresh optimizer, starting at step 0", source)
     engine = build_engine(model, ds, cfg.optim, compile_model=cfg.train.compile)
     # Dropout and other randomness differ per rank from here on.
     seed_everything(cfg.train.seed + 1000 * d.rank + 1)
 
     state = LoopState()
     client: dict[str, Any] = {}
-    latest = ckpt.latest_committed(ckpt_dir)
     if latest is not None:
         step, tag = latest
         if d.rank == 0:
@@ -265,7 +280,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
         # Refuse a different model or store before DeepSpeed tries (and fails) to load it.
         ckpt.check_compatible(ckpt.read_marker(ckpt_dir, tag), model_config.to_dict(),
                               fingerprint, str(ckpt_dir / tag))
-        client = ckpt.load(engine, ckpt_dir, tag, d.rank)
+        client = plan.load(engine, ckpt_dir, tag, d.rank)
         saved = client.get("loop", {})
         state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
         if state.step != step:
@@ -452,6 +467,7 @@ def save_checkpoint(run: Run) -> None:
         "store_fingerprint": run.fingerprint,
         "model_config": run.model_config.to_dict(),
         "run_config": run.cfg.to_dict(),
+        "tokenizer": run.tokenizer,  # so sample/export need not find the token store
     }
     # Rank 0's file carries the client state for ZeRO 0-2; broadcast the run id for ZeRO-3,
     # where every rank writes its own copy.
@@ -472,6 +488,7 @@ def save_checkpoint(run: Run) -> None:
 def fit(run: Run, preempt: PreemptionFlag) -> int:
     """The step loop; returns the exit code (raises TrainingError on unrecoverable steps)."""
     from model import mfu
+    from pipeline.elastic import SampleIdRecorder
 
     cfg, state, d = run.cfg, run.state, run.dist
     nan_steps = _debug_steps(DEBUG_NAN_STEPS)
@@ -485,7 +502,9 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
         device_name = torch.cuda.get_device_name()
     from pipeline.optim import lr_at, set_lr
 
-    batches = iter(run.loader)
+    batches: Any = iter(run.loader)
+    if os.environ.get(DEBUG_SAMPLE_IDS) == "1":
+        batches = SampleIdRecorder(batches)
     saved_step = state.step
     t_last, steps_since_log = time.time(), 0
     stop_reason = None
@@ -526,6 +545,8 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
             if checksums:
                 for r, c in enumerate(_rank_checksums(run)):
                     record[f"debug/param_checksum_rank{r}"] = c
+            if isinstance(batches, SampleIdRecorder):
+                record["debug/sample_ids"] = batches.gather(d.world_size)
             t_last, steps_since_log = time.time(), 0
 
         at_end = state.step == cfg.train.max_steps
