@@ -88,3 +88,19 @@ def test_batch_encoder_workers_give_the_same_batches_in_order():
     assert len(got) == len(ref) == 7
     for (t1, l1), (t2, l2) in zip(ref, got, strict=True):
         assert np.array_equal(t1, t2) and np.array_equal(l1, l2)
+
+
+def test_gpt2_ranks_cache_is_written_checked_and_rebuilt(tmp_path, monkeypatch):
+    """The fast-loading cache of GPT-2's ranks is written on first use, used after, and a
+    damaged cache file is ignored (hash mismatch) and replaced, never trusted."""
+    from data_prep import tokenize
+
+    monkeypatch.setenv("ZEROFORGE_CACHE_DIR", str(tmp_path))
+    first = tokenize._gpt2_offline()
+    cached = tmp_path / "gpt2.tiktoken"
+    assert cached.is_file()
+    assert tokenize._gpt2_offline().encode_ordinary("hello world") == [31373, 995]
+    cached.write_bytes(cached.read_bytes().replace(b" 995\n", b" 996\n", 1))
+    again = tokenize._gpt2_offline()
+    assert again.encode_ordinary("hello world") == first.encode_ordinary("hello world") == [31373, 995]
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == tokenize.GPT2_TIKTOKEN_SHA256
