@@ -140,10 +140,14 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
     torch.save(rng_state(), tmp)
     os.replace(tmp, rng_path)
     # Make every shard durable before anyone can commit. Files written by other ranks have no
-    # dirty pages here, so this costs each rank only its own data.
+    # dirty pages here, so this costs each rank only its own data. Another rank may be renaming
+    # its own temporary file meanwhile: a file that vanished is that rank's to sync.
     for p in tag_dir.iterdir():
-        if p.is_file():
-            _fsync_file(p)
+        if p.is_file() and not p.name.endswith(".tmp"):
+            try:
+                _fsync_file(p)
+            except FileNotFoundError:
+                pass
     if rank == 0 and os.environ.get(DEBUG_KILL_IN_SAVE) == str(step):
         log.warning("debug: %s=%d, killing the process group mid-save", DEBUG_KILL_IN_SAVE, step)
         os.killpg(os.getpgid(0), signal.SIGKILL)
