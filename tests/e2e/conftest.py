@@ -18,13 +18,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.mlflow_server import mlflow_server  # noqa: F401  (registers the fixture)
-
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 TINY_CONFIG = str(REPO / "configs" / "gpt2-tiny-cpu.yaml")
 RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_cpu_op() -> None:
+    """Build DeepSpeed's CPU comm op once, in one process, before any e2e launch.
+
+    Otherwise the first launch's ranks JIT-build it together (~40-60 s on 2 cores) inside a
+    launch timeout; and a build killed midway leaves a `lock` file that makes every later build
+    wait forever, so a lock that no build holds (none runs yet) is removed first."""
+    ext = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    for lock in ext.glob("*/deepspeed_shm_comm/lock"):
+        lock.unlink(missing_ok=True)
+    build = ("from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; "
+             "ShareMemCommBuilder().load()")
+    subprocess.run([PYTHON, "-c", build], check=True, cwd=REPO, capture_output=True, timeout=600)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -58,15 +57,20 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def extensions_dir() -> Path:
-    """The ranks' TORCH_EXTENSIONS_DIR, seeded from the default cache when that has the op
-    (identical build inputs, so ninja finds nothing to rebuild)."""
-    op = "deepspeed_shm_comm"
-    if not (EXTENSIONS_DIR / op).is_dir():
-        default = Path.home() / ".cache" / "torch_extensions"
-        built = sorted(default.glob(f"py*_cpu/{op}/{op}.so"))
-        if built:
-            EXTENSIONS_DIR.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(built[0].parent, EXTENSIONS_DIR / op, dirs_exist_ok=True)
+    """The ranks' TORCH_EXTENSIONS_DIR, with DeepSpeed's CPU comm op built before any launch.
+
+    Built here, in one local process with the ranks' PATH (venv first, so the same ninja), so
+    the ranks find it up to date: two ranks building it at once on 2 cores under a launch
+    timeout, in a fresh checkout whose venv path changed the build flags, hung CI. A `lock`
+    left by a build that was killed would make every later build wait forever: drop it."""
+    op_dir = EXTENSIONS_DIR / "deepspeed_shm_comm"
+    (op_dir / "lock").unlink(missing_ok=True)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR),
+           "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    build = ("from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; "
+             "ShareMemCommBuilder().load()")
+    subprocess.run([PYTHON, "-c", build], check=True, env=env, cwd=REPO, capture_output=True,
+                   timeout=600)
     return EXTENSIONS_DIR
 
 
