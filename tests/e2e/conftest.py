@@ -25,8 +25,23 @@ TINY_CONFIG = str(REPO / "configs" / "gpt2-tiny-cpu.yaml")
 RUN_TIMEOUT_S = 240
 
 
+def _remove_deepspeed_shm() -> None:
+    # DeepSpeed's CPU all-reduce keeps buffers in /dev/shm (tens of MB per run) and does not
+    # always remove them; over many runs they filled this machine's RAM (/dev/shm is tmpfs).
+    for buf in Path("/dev/shm").glob("deepspeed_*"):
+        buf.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def deepspeed_cpu_op() -> None:
+def deepspeed_shm_cleanup():
+    """No launch of ours runs before or after the e2e session: clear leaked buffers both times."""
+    _remove_deepspeed_shm()
+    yield
+    _remove_deepspeed_shm()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_cpu_op(deepspeed_shm_cleanup) -> None:
     """Build DeepSpeed's CPU comm op once, in one process, before any e2e launch.
 
     Otherwise the first launch's ranks JIT-build it together (~40-60 s on 2 cores) inside a
