@@ -15,17 +15,12 @@ import contextlib
 import math
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2, GPT2Config, gpt2_flops_per_token, mfu  # noqa: E402
+from zeroforge.model import GPT2, GPT2Config, gpt2_flops_per_token, mfu
 
 CONFIGS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128),

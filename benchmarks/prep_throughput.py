@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_prep.build import PrepOptions, build_store
-from data_prep.sources import SourceOptions, expand_inputs, read_records
-from data_prep.tokenize import get_encoding
+from zeroforge.data_prep.build import PrepOptions, build_store
+from zeroforge.data_prep.sources import SourceOptions, expand_inputs, read_records
+from zeroforge.data_prep.tokenize import get_encoding
 
 _enc = None
 

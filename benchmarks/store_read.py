@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from data_prep.build import PrepOptions, build_store
-from data_prep.store import Layout, TokenStore
+from zeroforge.data_prep.build import PrepOptions, build_store
+from zeroforge.data_prep.store import Layout, TokenStore
 
 
 def _rate(read, starts: np.ndarray, length: int) -> float:

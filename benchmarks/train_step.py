@@ -22,22 +22,17 @@ import copy
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2, GPT2Config  # noqa: E402
-from pipeline.config import build_run_config  # noqa: E402
-from pipeline.optim import lr_at, param_groups, set_lr  # noqa: E402
+from zeroforge.model import GPT2, GPT2Config
+from zeroforge.pipeline.config import build_run_config
+from zeroforge.pipeline.training.optim import lr_at, param_groups, set_lr
 
 
 def _init_process_group() -> None:
-    from pipeline.dist import free_port
+    from zeroforge.pipeline.dist import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -79,7 +74,7 @@ def main() -> None:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     _init_process_group()
-    from pipeline.engine import build_engine, merge_ds_config
+    from zeroforge.pipeline.training.engine import build_engine, detect_device
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = build_run_config({
@@ -105,7 +100,7 @@ def main() -> None:
                                                             optim, max_steps))
     for stage in (1, 2):
         cfg.deepspeed = {"zero_optimization": {"stage": stage}}
-        engine = build_engine(copy.deepcopy(base), merge_ds_config(cfg, 1), optim)
+        engine = build_engine(copy.deepcopy(base), cfg.ds_config(1, detect_device()), optim)
         steps[f"DeepSpeed ZeRO-{stage}"] = (lambda s, e=engine: engine_step(e, x, y, s, optim,
                                                                              max_steps))
 

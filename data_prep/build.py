@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from . import __version__
 from .progress import Progress
@@ -230,8 +231,6 @@ def _check_existing(out: Path, build_dir: BuildDir, chash: str, overwrite: bool)
 
 def _open_for_append(out: Path, build_dir: BuildDir, content: dict[str, Any], enc, layout: Layout):
     """Create the store, or reopen an interrupted build truncated to its last commit."""
-    import zarr
-
     dtype = token_dtype(enc.n_vocab)
     if not build_dir.exists() or build_dir.load()[0].commit == 0:
         out.mkdir(parents=True, exist_ok=True)

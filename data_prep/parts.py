@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
+from . import atomic
 from .build import PrepError, config_hash
 from .checksum import crc32_combine
-from .store import SPLITS, Layout, create_split_arrays, write_json_atomic
+from .store import SPLITS, Layout, create_split_arrays
 from .writer import ArrayAppender
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,6 @@ def _single_build_config(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, 
 
 def finalize(store: str | Path) -> dict[str, Any]:
     """Stitch STORE/parts/* into STORE. Safe to rerun after an interruption."""
-    import zarr
-
     store = Path(store)
     root_meta = store / "zarr.json"
     if root_meta.is_file() and json.loads(root_meta.read_text()).get("attributes", {}).get("complete"):
@@ -83,7 +83,7 @@ def finalize(store: str | Path) -> dict[str, Any]:
         for split in SPLITS:
             create_split_arrays(group, split, np.dtype(plan["attrs"]["dtype"]), layout)
             group[split]["tokens"].resize((plan["physical_len"][split],))
-        write_json_atomic(plan_path, plan)
+        atomic.write_json(plan_path, plan)
 
     group = zarr.open_group(str(store), mode="r+")
     for src, dst in plan["moves"]:

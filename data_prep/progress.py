@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 
@@ -20,8 +22,6 @@ class Progress:
         self.enabled = enabled
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, dynamic_ncols=True)
 
     def rates(self) -> dict[str, float]:

@@ -24,6 +24,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import zstandard
+
 BUILTIN_CORPORA = ("builtin:pydoc-topics", "builtin:stdlib")
 TEXT_MODES = ("file", "paragraph", "line")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".ndjson.gz")
@@ -221,8 +224,6 @@ def _open_jsonl(path: str) -> io.BufferedIOBase:
     if lower.endswith(".bz2"):
         return bz2.open(path, "rb")
     if lower.endswith(".zst"):
-        import zstandard
-
         return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
     return open(path, "rb")
 
@@ -264,8 +265,6 @@ def _read_jsonl(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
 
 
 def _read_parquet(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(unit.location)
     except Exception as exc:
@@ -282,7 +281,7 @@ def _read_parquet(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
 
 
 def _read_hf(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
-    import datasets
+    import datasets  # 0.5 s to import; only Hugging Face inputs need it
 
     try:
         if unit.kind == "hf-disk":
@@ -305,7 +304,7 @@ def _read_hf(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
 
 
 def _read_pydoc_topics(unit: Unit) -> Iterator[Record]:
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # 0.5 MB of text, only for this corpus
 
     for key in sorted(topics):
         yield _text_record(f"pydoc-topics/{key}", f"pydoc-topics:{key}", topics[key], None)

@@ -20,7 +20,6 @@ checking each inner chunk's CRC-32C the first time it is touched.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import threading
@@ -30,7 +29,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
+import zarr
+import zstandard
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .checksum import crc32
 
@@ -71,8 +74,6 @@ class Layout:
 
 
 def _compressors(codec: str) -> list:
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
     # CRC-32C per inner chunk: a flipped byte is caught on read, and names its chunk.
     return [Crc32cCodec()] if codec == "none" else [ZstdCodec(level=3), Crc32cCodec()]
 
@@ -146,8 +147,6 @@ class _ShardFile:
             return np.frombuffer(self._map, dtype=dtype, count=stop - start, offset=offset)
         chunk = self._decoded.get(c)
         if chunk is None:
-            import zstandard
-
             chunk = np.frombuffer(zstandard.ZstdDecompressor().decompress(self._verify_chunk(c)), dtype=dtype)
             if len(self._decoded) >= 8:  # a few decoded chunks: windows often share one
                 self._decoded.pop(next(iter(self._decoded)))
@@ -164,8 +163,6 @@ class _ShardFile:
 
 
 def _check_crc32c(data: bytes, stored: bytes, what: str) -> None:
-    import google_crc32c
-
     if google_crc32c.value(data) != int.from_bytes(stored, "little"):
         raise StoreError(f"{what}: checksum mismatch (data corrupted)")
 
@@ -305,8 +302,6 @@ class TokenStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, check_shards: bool = True) -> TokenStore:
-        import zarr
-
         path = os.fspath(path)
         if "://" not in path and not Path(path, "zarr.json").is_file():
             raise StoreError(f"{path}: not a token store (no zarr.json)")
@@ -366,18 +361,3 @@ def describe(store: TokenStore) -> dict[str, Any]:
         "size_bytes": size,
         "fingerprint": store.fingerprint,
     }
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

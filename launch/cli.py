@@ -1,49 +1,78 @@
-"""`zeroforge launch LAUNCHER ...`: start a run somewhere other than this process.
+"""The ``zeroforge`` command: one subcommand per stage, each an argument layer in commands/.
 
-    zeroforge launch slurm --config X --nodes 2 --gpus-per-node 8 [k=v ...]   # sbatch + srun
-    zeroforge launch slurm-prep INPUT... --out STORE --parts 16               # prep job array
-    zeroforge launch deepspeed ...                                            # hostfile / pdsh
-
-Each launcher's module is imported, and its options parsed, only when it is chosen, so one
-launcher's dependencies (or a missing launcher module) never affect another.
+Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit
+code). Only the chosen command's module is imported, so ``zeroforge --help`` and one command's
+help never pay for torch or DeepSpeed. A ``ZeroforgeError`` (pipeline/errors.py) raised anywhere
+below ends here: its one-line message goes to stderr and its code becomes the exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
 
-# name -> (module, add_arguments function, run function, one-line help)
-LAUNCHERS: dict[str, tuple[str, str, str, str]] = {
-    "slurm": ("launch.slurm", "add_train_arguments", "run_train",
-              "submit a training run to Slurm (sbatch; one srun task per rank)"),
-    "slurm-prep": ("launch.slurm", "add_prep_arguments", "run_prep",
-                   "build a token store as a Slurm job array plus a finalize job"),
-    "deepspeed": ("launch.hostfile", "add_arguments", "run",
-                  "train on a hostfile cluster through the DeepSpeed launcher (pdsh/ssh)"),
+from zeroforge.pipeline.errors import EXIT_CONFIG, ZeroforgeError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prep": ("zeroforge.launch.commands.prep", "tokenize corpora into a sharded Zarr v3 token store"),
+    "inspect": ("zeroforge.launch.commands.inspect",
+                "describe a token store (tokenizer, splits, counts, size)"),
+    "verify": ("zeroforge.launch.commands.verify",
+               "check every checksum and invariant of a token store"),
+    "train": ("zeroforge.launch.commands.train", "train a model with DeepSpeed ZeRO from a run config"),
+    "eval": ("zeroforge.launch.commands.evaluate", "validation loss / perplexity of a checkpoint"),
+    "sample": ("zeroforge.launch.commands.sample", "generate text from a checkpoint"),
+    "export": ("zeroforge.launch.commands.export", "export a checkpoint to Hugging Face format"),
+    "launch": ("zeroforge.launch.commands.launch",
+               "launch on Slurm (sbatch) or a hostfile cluster (DeepSpeed runner)"),
+    "demo": ("zeroforge.launch.commands.demo",
+             "run the whole pipeline on the builtin offline corpus (CPU)"),
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "launchers:\n" + "\n".join(
-        f"  {name:<12} {help_text}" for name, (*_, help_text) in LAUNCHERS.items()
-    ) + "\n\n`zeroforge launch LAUNCHER --help` lists a launcher's options."
-    parser.add_argument("launcher", choices=LAUNCHERS, metavar="LAUNCHER",
-                        help=", ".join(LAUNCHERS))
-    parser.add_argument("launcher_args", nargs=argparse.REMAINDER, metavar="...",
-                        help="the launcher's own options")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zeroforge",
+        description="Pretraining pipeline: corpora -> Zarr token store -> DeepSpeed ZeRO -> MLflow.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The DeepSpeed launcher puts --local_rank=N right after the module name; the rank is read
+    # from the environment (pipeline/dist.py), so the value is not used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
 
 
-def launcher_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
-    """(parser with the launcher's options, its run function)."""
-    module_name, add_name, run_name, help_text = LAUNCHERS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"zeroforge launch {name}", description=help_text)
-    getattr(module, add_name)(parser)
-    return parser, getattr(module, run_name)
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse only the global part here; the chosen command owns the rest of the arguments.
+    global_args, rest = parser.parse_known_args(argv)
+    if global_args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    module_name, help_text = COMMANDS[global_args.command]
+    logging.basicConfig(
+        level=logging.DEBUG if global_args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    command = importlib.import_module(module_name)
+    sub_parser = argparse.ArgumentParser(prog=f"zeroforge {global_args.command}",
+                                         description=help_text)
+    command.add_arguments(sub_parser)
+    args = sub_parser.parse_args(rest)
+    try:
+        return int(command.run(args) or 0)
+    except ZeroforgeError as e:
+        print(f"zeroforge {global_args.command}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
-def run(args: argparse.Namespace) -> int:
-    parser, run_launcher = launcher_parser(args.launcher)
-    return int(run_launcher(parser.parse_args(args.launcher_args)) or 0)
+if __name__ == "__main__":
+    sys.exit(main())

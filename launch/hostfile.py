@@ -5,7 +5,7 @@
 
 DeepSpeed's runner (``python -m deepspeed.launcher.runner``) reads the MPI-style hostfile
 (``host slots=N``), logs into every host with pdsh over ssh and starts
-``deepspeed.launcher.launch`` there, which starts one ``python -m pipeline.train`` per slot.
+``deepspeed.launcher.launch`` there, which starts one ``python -m zeroforge.launch train`` per slot.
 The remote shells are non-interactive ssh sessions, so they do not inherit the launching shell's
 environment: the runner forwards only variables whose names start with PYTHON, MLFLOW, MV2 or UCX,
 plus the ``KEY=VALUE`` lines of an environment file, ``$DS_ENV_FILE`` (default
@@ -51,9 +51,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from zeroforge.pipeline.errors import EXIT_CONFIG, reported_as
+
 log = logging.getLogger("zeroforge.launch")
 
-TRAIN_MODULE = "pipeline.train"
+RANK_MODULE = "zeroforge.launch"  # every rank runs `python -m zeroforge.launch train ...`
 DEFAULT_MASTER_PORT = 29500
 DS_ENV_FILE = "DS_ENV_FILE"  # the runner's variable naming its environment file
 DS_ENV_DEFAULT_NAME = ".deepspeed_env"
@@ -325,7 +327,7 @@ class LaunchPlan:
     hostfile: str
     master_port: int
     ssh_port: int | None
-    module: str = TRAIN_MODULE  # what each rank runs (`python -m MODULE <train args>`)
+    module: str = RANK_MODULE  # what each rank runs (`python -m MODULE train <train args>`)
 
     @property
     def local(self) -> bool:
@@ -350,7 +352,7 @@ class LaunchPlan:
             cmd += ["--master_addr", master_addr]
         if self.ssh_port is not None:
             cmd += ["--ssh_port", str(self.ssh_port)]
-        return [*cmd, "--module", self.module, *self.train_args]
+        return [*cmd, "--module", self.module, "train", *self.train_args]
 
 
 def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
@@ -396,7 +398,8 @@ def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
 
 def _validate_run_config(config: str, overrides: Sequence[str]) -> None:
     """Load the run config here so a bad key fails once, before any node is contacted."""
-    from pipeline.config import load_run_config
+    # Here, not at the top: the run config imports torch (~1.8 s), which --help need not pay.
+    from zeroforge.pipeline.config import load_run_config
 
     load_run_config(config, list(overrides))
 
@@ -432,22 +435,19 @@ def prepare(p: LaunchPlan, args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    with reported_as(EXIT_CONFIG, ValueError, subprocess.TimeoutExpired):
         p = plan(args)
         _validate_run_config(args.config, args.overrides)
         if args.dry_run:
             print_plan(p, args.master_addr, "<temporary file>")
             return 0
         master_addr = prepare(p, args)
-    except (ValueError, subprocess.TimeoutExpired) as e:
-        print(f"zeroforge launch deepspeed: {e}", file=sys.stderr)
-        return 2
     return launch(p, p.command(master_addr))
 
 
 def launch(p: LaunchPlan, command: list[str]) -> int:
     """Run the DeepSpeed runner with the environment file; returns its exit code (the largest
-    exit code of any rank: 0 done, 1 failed, 2 bad config, 75 preempted; see pipeline/dist.py)."""
+    exit code of any rank: 0 done, 1 failed, 2 bad config, 75 preempted; see pipeline/errors.py)."""
     with tempfile.TemporaryDirectory(prefix="zeroforge-launch-") as tmp:
         env_file = Path(tmp) / "deepspeed_env"
         env_file.write_text(render_env_file(p.rank_env))

@@ -30,7 +30,16 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from pipeline.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from zeroforge.data_prep.sources import expand_inputs
+from zeroforge.launch.commands import prep as prep_command
+from zeroforge.pipeline.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from zeroforge.pipeline.errors import (
+    EXIT_CONFIG,
+    EXIT_PREEMPTED,
+    ConfigError,
+    RunError,
+    reported_as,
+)
 
 log = logging.getLogger("zeroforge.launch")
 
@@ -47,11 +56,11 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
-class LaunchError(ValueError):
+class LaunchError(ConfigError):
     """Bad launch options; the message names the option."""
 
 
-class SubmitError(RuntimeError):
+class SubmitError(RunError):
     """sbatch is missing or refused the job; the message has the command and its error."""
 
 
@@ -71,7 +80,7 @@ def hostfile(hosts: Sequence[str], slots: int) -> str:
 
 def load_template(name: str) -> str:
     """Text of launch/slurm/<name> (installed as package data next to this module)."""
-    return resources.files("launch").joinpath(TEMPLATE_DIR, name).read_text()
+    return resources.files("zeroforge.launch").joinpath(TEMPLATE_DIR, name).read_text()
 
 
 def render(template: str, values: Mapping[str, str]) -> str:
@@ -258,8 +267,6 @@ class TrainJob:
 
 def render_train(job: TrainJob, command_line: str) -> str:
     """The sbatch script of a training job (launch/slurm/train.sbatch.tmpl)."""
-    from pipeline.dist import EXIT_PREEMPTED
-
     problems = job.problems()
     if problems:
         raise LaunchError("; ".join(problems))
@@ -337,9 +344,10 @@ def _env_args(items: Sequence[str]) -> dict[str, str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipeline.config import find_config_file, load_run_config
+    # Here, not at the top: the run config imports torch (~1.8 s), which --help need not pay.
+    from zeroforge.pipeline.config import find_config_file, load_run_config
 
-    try:
+    with reported_as(EXIT_CONFIG, ValueError, OSError):
         cfg = load_run_config(args.config, args.overrides)  # fail here, not after the queue
         config_path = find_config_file(args.config).resolve()
         run_dir = Path(cfg.run_dir)
@@ -360,12 +368,6 @@ def run_train(args: argparse.Namespace) -> int:
         path = _write((run_dir / "slurm" / f"{job.sbatch.job_name}.sbatch").resolve(), script)
         Path(job.sbatch.output).parent.mkdir(parents=True, exist_ok=True)
         job_id = sbatch(path)
-    except (ValueError, OSError) as e:  # LaunchError, config errors
-        print(f"zeroforge launch slurm: error: {e}", file=sys.stderr)
-        return 2
-    except SubmitError as e:
-        print(f"zeroforge launch slurm: error: {e}", file=sys.stderr)
-        return 1
     log.info("submitted job %d: %d node(s) x %d rank(s), script %s, log %s", job_id, job.nodes,
              job.ranks_per_node, path, job.sbatch.output.replace("%j", str(job_id))
              .replace("%x", job.sbatch.job_name))
@@ -381,10 +383,8 @@ _PREP_OWN = ("num_parts", "part", "finalize")
 
 
 def _prep_parser() -> argparse.ArgumentParser:
-    from data_prep import cli as prep_cli
-
     parser = argparse.ArgumentParser(add_help=False)
-    prep_cli.add_arguments(parser)
+    prep_command.add_arguments(parser)
     return parser
 
 
@@ -451,8 +451,6 @@ def render_prep(job: PrepJob, command_line: str) -> tuple[str, str]:
 
 
 def add_prep_arguments(p: argparse.ArgumentParser) -> None:
-    from data_prep import cli as prep_cli
-
     p.description = ("Build a token store as a Slurm job array (one task per part) plus a "
                      "finalize job that stitches the parts once all succeeded; prints both job "
                      "ids. Takes every `zeroforge prep` option except --num-parts/--part/"
@@ -463,18 +461,16 @@ def add_prep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-dir", default="slurm-logs",
                    help="scripts and logs (default ./slurm-logs)")
     _add_sbatch_arguments(p)
-    prep_cli.add_arguments(p.add_argument_group("zeroforge prep"))
+    prep_command.add_arguments(p.add_argument_group("zeroforge prep"))
     for action in p._actions:
         if action.dest in _PREP_OWN:
             action.help = argparse.SUPPRESS  # rejected in run_prep: --parts sets them
-    p.epilog = prep_cli.EPILOG
+    p.epilog = prep_command.EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def run_prep(args: argparse.Namespace) -> int:
-    from data_prep.sources import expand_inputs
-
-    try:
+    with reported_as(EXIT_CONFIG, ValueError, OSError):
         problems = [f"--{k.replace('_', '-')} is set by slurm-prep (use --parts)"
                     for k in _PREP_OWN if getattr(args, k) is not None]
         if not args.out:
@@ -517,12 +513,6 @@ def run_prep(args: argparse.Namespace) -> int:
             raise SubmitError(f"array job {array_id} is submitted but its finalize job is not "
                               f"({e}); once fixed: sbatch {_join(dependency)} "
                               f"{_q(finalize_path)}") from None
-    except (ValueError, OSError) as e:  # LaunchError, SourceError, PrepError
-        print(f"zeroforge launch slurm-prep: error: {e}", file=sys.stderr)
-        return 2
-    except SubmitError as e:
-        print(f"zeroforge launch slurm-prep: error: {e}", file=sys.stderr)
-        return 1
     log.info("submitted prep array job %d (%d parts) and finalize job %d (after all parts "
              "succeed); logs in %s", array_id, job.parts, finalize_id, log_dir)
     print(array_id, finalize_id)

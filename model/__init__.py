@@ -1,4 +1,8 @@
-"""zeroforge models: GPT-2 and a T5 v1.1-style encoder-decoder."""
+"""zeroforge models: GPT-2 and a T5 v1.1-style encoder-decoder.
+
+The model classes know only their forward pass; generation (``generate``) and Hugging Face
+conversion (``hf``) are functions over them, so nothing here imports back into the classes.
+"""
 
 from .config import EncDecConfig, GPT2Config
 from .encdec import EncoderDecoder
@@ -10,8 +14,9 @@ from .flops import (
     gpt2_num_params,
     mfu,
 )
-from .generate import generate, sample_next
+from .generate import Sampling, generate_encdec, generate_gpt2, sample_next
 from .gpt2 import GPT2
+from .hf import load_encdec_hf, load_gpt2_hf, save_encdec_hf, save_gpt2_hf
 from .layers import KVCache
 from .sentinels import is_sentinel, sentinel_id, sentinel_ids
 
@@ -22,14 +27,20 @@ __all__ = [
     "EncoderDecoder",
     "GPT2Config",
     "KVCache",
+    "Sampling",
     "encdec_flops_per_token",
     "encdec_num_params",
-    "generate",
+    "generate_encdec",
+    "generate_gpt2",
     "gpt2_flops_per_token",
     "gpt2_num_params",
     "is_sentinel",
+    "load_encdec_hf",
+    "load_gpt2_hf",
     "mfu",
     "sample_next",
+    "save_encdec_hf",
+    "save_gpt2_hf",
     "sentinel_id",
     "sentinel_ids",
 ]

@@ -16,9 +16,6 @@ If ``decoder_input_ids`` is omitted, it is ``labels`` shifted right with
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,9 +23,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import EncDecConfig
 from .layers import GatedGeluMLP, KVCache, RelativePositionBias, RMSNorm, T5Attention, additive_mask
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 IGNORE_INDEX = -100
 
@@ -236,28 +230,6 @@ class EncoderDecoder(nn.Module):
                                ignore_index=IGNORE_INDEX)
         return (logits, loss) if return_logits else loss
 
-    # ------------------------------------------------------------------ generation / HF
     def new_cache(self) -> KVCache:
         assert self.config.num_decoder_layers is not None
         return KVCache(self.config.num_decoder_layers)
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs: Any
-                 ) -> list[list[int]]:
-        """See :func:`model.generate.generate` (prompts are encoder inputs)."""
-        from .generate import generate
-
-        return generate(self, prompts, max_new_tokens, **kwargs)
-
-    def save_hf(self, path: str | os.PathLike[str]) -> None:
-        """Write a directory loadable by ``transformers.T5ForConditionalGeneration``."""
-        from .hf import save_encdec_hf
-
-        save_encdec_hf(self, path)
-
-    @classmethod
-    def from_hf(cls, path: str | os.PathLike[str], **overrides: Any) -> EncoderDecoder:
-        """Load from a HF T5 (gated-gelu, v1.1-style) directory."""
-        from .hf import load_encdec_hf
-
-        return load_encdec_hf(path, **overrides)

@@ -8,15 +8,16 @@ encoder runs once and decoding reuses self-attention K/V plus the cached cross-a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .encdec import EncoderDecoder
-    from .gpt2 import GPT2
+from .encdec import EncoderDecoder
+from .gpt2 import GPT2
 
 
 def _check_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
@@ -57,49 +58,39 @@ def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: floa
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
 
 
-@torch.no_grad()
-def generate(
-    model: GPT2 | EncoderDecoder,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    stop_at_eos: bool = True,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    use_cache: bool = True,
-) -> list[list[int]]:
-    """Generate up to ``max_new_tokens`` per prompt; returns only the new tokens.
+@dataclass
+class Sampling:
+    """How the next token is picked (see ``sample_next``) and when a sequence ends."""
 
-    Greedy unless ``do_sample`` (then ``temperature`` / ``top_k`` / ``top_p`` apply; a
-    ``seed`` or explicit ``generator`` makes sampling reproducible). A sequence stops after
-    emitting ``eos_id`` (default: ``model.config.eos_token_id``), which is included in its
-    output. ``use_cache=False`` recomputes the full sequence each step (reference path).
-    """
-    from .encdec import EncoderDecoder
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None  # None: the model config's eos_token_id
+    stop_at_eos: bool = True
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    use_cache: bool = True  # False recomputes the whole sequence each step (reference path)
 
-    _check_args(prompts, max_new_tokens, temperature, top_k, top_p)
-    if eos_id is None:
-        eos_id = model.config.eos_token_id
-    if not stop_at_eos:
+
+@contextlib.contextmanager
+def _generation(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                opts: Sampling) -> Iterator[tuple[int | None, dict, torch.device]]:
+    """Checks the arguments, resolves EOS and the generator, and keeps dropout off meanwhile."""
+    _check_args(prompts, max_new_tokens, opts.temperature, opts.top_k, opts.top_p)
+    eos_id = opts.eos_id if opts.eos_id is not None else model.config.eos_token_id
+    if not opts.stop_at_eos:
         eos_id = None
     device = next(model.parameters()).device
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    pick = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k,
-            "top_p": top_p, "generator": generator}
-
+    generator = opts.generator
+    if generator is None and opts.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(opts.seed)
+    pick = {"do_sample": opts.do_sample, "temperature": opts.temperature, "top_k": opts.top_k,
+            "top_p": opts.top_p, "generator": generator}
     was_training = model.training
-    model.eval()  # dropout off while generating
+    model.eval()
     try:
-        if isinstance(model, EncoderDecoder):
-            return _generate_encdec(model, prompts, max_new_tokens, eos_id, use_cache, pick,
-                                    device)
-        return _generate_gpt2(model, prompts, max_new_tokens, eos_id, use_cache, pick, device)
+        yield eos_id, pick, device
     finally:
         model.train(was_training)
 
@@ -129,9 +120,21 @@ def _collect(steps: list[torch.Tensor], eos_id: int | None, B: int) -> list[list
     return out
 
 
-def _generate_gpt2(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   eos_id: int | None, use_cache: bool, pick: dict, device: torch.device
-                   ) -> list[list[int]]:
+@torch.no_grad()
+def generate_gpt2(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  opts: Sampling | None = None) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens.
+
+    Greedy unless ``opts.do_sample``. A sequence stops after emitting EOS, which is included
+    in its output."""
+    opts = opts or Sampling()
+    with _generation(model, prompts, max_new_tokens, opts) as (eos_id, pick, device):
+        return _gpt2_loop(model, prompts, max_new_tokens, eos_id, opts.use_cache, pick, device)
+
+
+def _gpt2_loop(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               eos_id: int | None, use_cache: bool, pick: dict, device: torch.device
+               ) -> list[list[int]]:
     cfg = model.config
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.n_positions:
@@ -160,9 +163,19 @@ def _generate_gpt2(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens
     return _collect(steps, eos_id, B)
 
 
-def _generate_encdec(model: EncoderDecoder, prompts: Sequence[Sequence[int]],
-                     max_new_tokens: int, eos_id: int | None, use_cache: bool, pick: dict,
-                     device: torch.device) -> list[list[int]]:
+@torch.no_grad()
+def generate_encdec(model: EncoderDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    opts: Sampling | None = None) -> list[list[int]]:
+    """Decode up to ``max_new_tokens`` tokens for each encoder input in ``prompts``; returns the
+    decoder's tokens (EOS included where it stopped)."""
+    opts = opts or Sampling()
+    with _generation(model, prompts, max_new_tokens, opts) as (eos_id, pick, device):
+        return _encdec_loop(model, prompts, max_new_tokens, eos_id, opts.use_cache, pick, device)
+
+
+def _encdec_loop(model: EncoderDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 eos_id: int | None, use_cache: bool, pick: dict, device: torch.device
+                 ) -> list[list[int]]:
     cfg = model.config
     src, src_mask = _pad_batch(prompts, cfg.pad_token_id, left=False, device=device)  # (B, S)
     B = src.size(0)

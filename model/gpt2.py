@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -23,9 +21,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
 from .layers import GPT2MLP, CausalSelfAttention, KVCache, LayerNorm
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -174,27 +169,5 @@ class GPT2(nn.Module):
             allowed = allowed | (k_idx == q_idx)[None, None]
         return allowed
 
-    # ------------------------------------------------------------------ generation / HF
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer)
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs: Any
-                 ) -> list[list[int]]:
-        """See :func:`model.generate.generate`."""
-        from .generate import generate
-
-        return generate(self, prompts, max_new_tokens, **kwargs)
-
-    def save_hf(self, path: str | os.PathLike[str]) -> None:
-        """Write a directory loadable by ``transformers.GPT2LMHeadModel.from_pretrained``."""
-        from .hf import save_gpt2_hf
-
-        save_gpt2_hf(self, path)
-
-    @classmethod
-    def from_hf(cls, path: str | os.PathLike[str], **overrides: Any) -> GPT2:
-        """Load from a HF GPT-2 directory (ours or a real ``gpt2`` checkpoint)."""
-        from .hf import load_gpt2_hf
-
-        return load_gpt2_hf(path, **overrides)

@@ -12,15 +12,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .config import EncDecConfig, GPT2Config
-
-if TYPE_CHECKING:
-    from .encdec import EncoderDecoder
-    from .gpt2 import GPT2
+from .encdec import EncoderDecoder
+from .gpt2 import GPT2
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +32,6 @@ _GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # ---------------------------------------------------------------------------- file helpers
 def _write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
            hf_config: dict[str, Any], zf_config: dict[str, Any], kind: str) -> None:
-    from safetensors.torch import save_file
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
@@ -47,8 +44,6 @@ def _write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """Load weights from model.safetensors, a sharded safetensors index or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
     if (path / "model.safetensors").exists():
         return load_file(str(path / "model.safetensors"))
     index = path / "model.safetensors.index.json"
@@ -151,8 +146,6 @@ def save_gpt2_hf(model: GPT2, path: str | os.PathLike[str]) -> None:
 def load_gpt2_hf(path: str | os.PathLike[str], **overrides: Any) -> GPT2:
     """Build a GPT2 from a HF directory. ``overrides`` replace config fields (e.g.
     ``pad_vocab_to_multiple=128``, ``dropout``)."""
-    from .gpt2 import GPT2
-
     p = Path(path)
     hf, zf = _read_configs(p, "gpt2")
     problems = []
@@ -284,8 +277,6 @@ def load_encdec_hf(path: str | os.PathLike[str], **overrides: Any) -> EncoderDec
     the whole HF vocabulary is treated as tokenizer vocabulary (``n_sentinels=0``) unless
     ``overrides`` say otherwise (e.g. ``vocab_size=32000, n_sentinels=100`` for google T5,
     whose sentinels then do *not* follow our id scheme)."""
-    from .encdec import EncoderDecoder
-
     p = Path(path)
     hf, zf = _read_configs(p, "encdec")
     raw = _read_state(p)

@@ -1,16 +1,19 @@
-"""The run configuration: YAML recipe + dotted ``key=value`` overrides -> typed ``RunConfig``.
+"""The run configuration: a YAML recipe + dotted ``key=value`` overrides -> a typed ``RunConfig``.
 
-Each component owns its small dataclass next to its code (``DataConfig`` in pipeline/data.py,
-``OptimConfig`` in pipeline/optim.py, ...); this module only composes them, loads YAML, applies
-overrides and checks types. Every problem (unknown key, wrong type, bad value) is collected and
-raised once as a ``ValueError`` whose lines name the dotted key, e.g.
-``train.max_stepz: unknown key (did you mean train.max_steps?)``.
+Each component owns its section next to its code (``DataConfig`` in data/config.py,
+``OptimConfig`` in training/optim.py, ...); this module composes them, loads YAML, applies
+overrides and reports problems. pydantic checks the types (pipeline/section.py); every problem
+(unknown key, wrong type, bad value) is collected and raised once as a ``ConfigError`` whose
+lines name the dotted key, e.g. ``train.max_stepz: unknown key (did you mean train.max_steps?)``.
 
 Two sections are free-form on purpose:
-- ``model``: ``family`` (gpt2 | encdec), ``preset`` and any field of the family's config class
-  (``model.config.GPT2Config`` / ``EncDecConfig``), type-checked against that class.
+- ``model``: ``family`` (pipeline/registry.py), ``preset`` and any field of the family's config
+  class (``model.config.GPT2Config`` / ``EncDecConfig``), type-checked against that class.
 - ``deepspeed``: overrides merged into the DeepSpeed config file (``deepspeed_config``), e.g.
-  ``deepspeed.zero_optimization.stage=2``; checked by pipeline/engine.py when merged.
+  ``deepspeed.zero_optimization.stage=2``; checked when merged (training/ds_config.py).
+
+Shipped recipes and the default DeepSpeed config live in the package ``zeroforge.configs`` (the
+repository's ``configs/``), found through ``importlib.resources``, so they work from a wheel too.
 """
 
 from __future__ import annotations
@@ -18,82 +21,50 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 import re
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from zeroforge.pipeline import registry
+from zeroforge.pipeline.data.config import DataConfig
+from zeroforge.pipeline.errors import ConfigError
+from zeroforge.pipeline.registry import ModelConfig
+from zeroforge.pipeline.section import Section
+from zeroforge.pipeline.tracking.base import TrackingConfig
+from zeroforge.pipeline.training.config import CheckpointConfig, TrainConfig
+from zeroforge.pipeline.training.ds_config import Device, merge_ds_config
+from zeroforge.pipeline.training.optim import OptimConfig
 
-from model.config import EncDecConfig, GPT2Config
-from pipeline.checkpoint import CheckpointConfig
-from pipeline.data import DataConfig
-from pipeline.optim import OptimConfig
-from pipeline.tracking import TrackingConfig
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_DS_CONFIG = "ds_config.json"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MODEL_FAMILIES: dict[str, type] = {"gpt2": GPT2Config, "encdec": EncDecConfig}
-TASK_OF_FAMILY = {"gpt2": "gpt", "encdec": "t5"}
-_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+SHIPPED = importlib.resources.files("zeroforge.configs")
 
 
-@dataclass
-class TrainConfig:
-    """The step loop (YAML key ``train``)."""
-
-    max_steps: int = 1000  # optimizer steps (skipped non-finite steps count too)
-    seed: int = 1234  # model init, data order, dropout
-    micro_batch_size: int = 8  # sequences per rank per forward/backward
-    grad_accum: int = 1  # micro-batches per optimizer step
-    precision: str = "auto"  # auto (bf16 on a bf16-capable GPU, else fp32) | fp32 | bf16 | fp16
-    compile: bool = False  # torch.compile the model before handing it to DeepSpeed
-    log_every: int = 1  # metrics.jsonl / tracker / progress line every N steps
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batch_size: int | None = None  # None: micro_batch_size
-    early_stopping_patience: int = 0  # stop after N evals without improvement; 0: off
-    early_stopping_min_delta: float = 0.0  # improvement smaller than this does not count
-    max_nonfinite_in_a_row: int = 3  # more consecutive skipped (non-finite) steps: stop
-    sample_prompts: list[str] = field(default_factory=lambda: ["The", "Once upon a time"])
-    sample_tokens: int = 32  # GPT: greedy + top-k continuations logged at each eval; 0: off
-
-    def validate(self) -> list[str]:
-        p = []
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                p.append(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "early_stopping_patience", "max_nonfinite_in_a_row",
-                     "sample_tokens"):
-            if getattr(self, name) < 0:
-                p.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            p.append(f"train.eval_batch_size must be at least 1, got {self.eval_batch_size}")
-        if self.precision not in PRECISIONS:
-            p.append(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.early_stopping_patience and not self.eval_every:
-            p.append("train.early_stopping_patience needs train.eval_every > 0")
-        return p
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``3e-4`` is a float (as in YAML 1.2), not a
+    string: recipes write learning rates that way."""
 
 
-@dataclass
-class ModelSpec:
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+class ModelSpec(BaseModel):
     """``model``: the family, an optional preset, and field overrides of the family's config."""
 
     family: str = "gpt2"
     preset: str | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = Field(default_factory=dict)
 
-    @property
-    def task(self) -> str:
-        return TASK_OF_FAMILY[self.family]
-
-    def build(self) -> GPT2Config | EncDecConfig:
-        cls = MODEL_FAMILIES[self.family]
+    def build(self) -> ModelConfig:
+        cls = registry.family(self.family).config_cls
         if self.preset is not None:
             return cls.preset(self.preset, **self.fields)
         return cls(**self.fields)
@@ -102,108 +73,70 @@ class ModelSpec:
         return {"family": self.family, "preset": self.preset, **self.fields}
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     """One training run (the YAML file's top level)."""
 
     run_dir: str = "runs/default"  # checkpoints, resolved configs, metrics.jsonl, logs
-    deepspeed_config: str = DEFAULT_DS_CONFIG  # path; relative: to the CWD, then the repo root
-    deepspeed: dict[str, Any] = field(default_factory=dict)  # overrides into deepspeed_config
+    # A path (relative: to the working directory), or the name of a shipped DeepSpeed config.
+    deepspeed_config: str = DEFAULT_DS_CONFIG
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # overrides into deepspeed_config
     # Start from these weights (a checkpoint, run dir or HF directory) with a fresh optimizer;
     # ignored once the run has checkpoints of its own (it resumes from them).
     init_from: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: str | None = None  # pipeline/registry.py; None: the model family's default task
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, ModelSpec):
-                out[k] = v.to_dict()
-            elif dataclasses.is_dataclass(v):
-                out[k] = dataclasses.asdict(v)
-            else:
-                out[k] = v
-        return out
+        return {**self.model_dump(exclude={"model"}), "model": self.model.to_dict()}
 
     def config_hash(self) -> str:
         """Stable id of the resolved config (recorded in checkpoints; informational)."""
         blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def model_config(self) -> GPT2Config | EncDecConfig:
+    def build_model_config(self) -> ModelConfig:
         return self.model.build()
 
-    def resolve_ds_config_path(self) -> Path:
+    @property
+    def task_name(self) -> str:
+        return registry.task_name(self.model.family, self.task)
+
+    def ds_config_path(self) -> Path:
+        """``deepspeed_config`` as a path: a file here, else the shipped config of that name."""
         p = Path(self.deepspeed_config)
         if p.is_absolute() or p.exists():
             return p
-        return REPO_ROOT / p
+        shipped = SHIPPED / p.name
+        return Path(str(shipped)) if p.parent == Path(".") and shipped.is_file() else p
+
+    def ds_config(self, world_size: int, device: Device) -> dict[str, Any]:
+        """The merged DeepSpeed config of this run on ``world_size`` ranks of ``device``."""
+        return merge_ds_config(self.ds_config_path(), self.deepspeed, self.train, self.optim,
+                               world_size, device)
+
+    def with_grad_accum(self, grad_accum: int) -> RunConfig:
+        return self.model_copy(update={"train": self.train.model_copy(
+            update={"grad_accum": grad_accum})})
 
 
-# ----------------------------------------------------------------------------- type checking
+# ----------------------------------------------------------------------------- problems
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true/false",
+               "string": "a string", "list": "a list", "dict": "a mapping", "model": "a mapping",
+               "model_attributes": "a mapping", "dataclass": "a mapping"}
 
 
-def _check_value(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    """Return ``value`` coerced to ``tp`` (only int -> float), or record a problem naming key."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        sub: list[str] = []
-        for a in inner:
-            sub = []
-            out = _check_value(value, a, key, sub)
-            if not sub:
-                return out
-        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} "
-                        f"{value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-            return value
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_check_value(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.match(value):
-            return float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, key, problems)
-    return value
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _unknown(key: str, known: list[str], prefix: str) -> str:
@@ -212,51 +145,70 @@ def _unknown(key: str, known: list[str], prefix: str) -> str:
     return f"{prefix}{key}: unknown key{hint}; known keys: {', '.join(sorted(known))}"
 
 
-def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    if not isinstance(data, dict):
-        problems.append(f"{prefix}: expected a mapping, got {type(data).__name__} {data!r}")
-        return cls()
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    cls: Any = RunConfig
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic finding as a line naming the dotted key."""
+    loc = tuple(error["loc"])
+    key, kind = _dotted(loc), error["type"]
+    if kind == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        known = list(section.model_fields) if section is not None else []
+        prefix = _dotted(loc[:-1]) + "." if len(loc) > 1 else ""
+        return _unknown(str(loc[-1]), known, prefix)
+    expected = _TYPE_WORDS.get(kind.removesuffix("_type").removesuffix("_parsing"))
+    if expected is not None:
+        value = error.get("input")
+        return f"{key}: expected {expected}, got {type(value).__name__} {value!r}"
+    return f"{key}: {error['msg']}"
+
+
+def _check_fields(cls: type, data: dict[str, Any], prefix: str, extra_known: list[str],
+                  problems: list[str]) -> dict[str, Any]:
+    """The entries of ``data`` that are well-typed fields of dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    dot = f"{prefix}." if prefix else ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
     for k, v in data.items():
         if k not in names:
-            problems.append(_unknown(str(k), names, dot))
+            problems.append(_unknown(str(k), names + extra_known, prefix))
             continue
-        kwargs[k] = _check_value(v, hints[k], f"{dot}{k}", problems)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        problems.append(f"{prefix or 'config'}: {e}")
-        return cls()
+        try:
+            out[k] = TypeAdapter(hints[k]).validate_python(v, strict=True)
+        except ValidationError as e:
+            problems += [_describe({**err, "loc": (f"{prefix}{k}", *err["loc"])})
+                         for err in e.errors()]
+    return out
 
 
-def _build_model_spec(data: Any, problems: list[str]) -> ModelSpec:
+def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
     if not isinstance(data, dict):
         problems.append(f"model: expected a mapping, got {type(data).__name__} {data!r}")
         return ModelSpec()
     data = dict(data)
-    family = data.pop("family", "gpt2")
+    family_name = data.pop("family", "gpt2")
     preset = data.pop("preset", None)
-    if family not in MODEL_FAMILIES:
-        problems.append(f"model.family: must be one of {sorted(MODEL_FAMILIES)}, got {family!r}")
+    if family_name not in registry.FAMILIES:
+        problems.append(f"model.family: must be one of {sorted(registry.FAMILIES)}, got "
+                        f"{family_name!r}")
         return ModelSpec()
-    cls = MODEL_FAMILIES[family]
+    cls = registry.FAMILIES[family_name].config_cls
     if preset is not None and preset not in cls.PRESETS:
-        problems.append(f"model.preset: unknown {family} preset {preset!r}; "
-                        f"choose one of {sorted(cls.PRESETS)}")
+        problems.append(f"model.preset: unknown {family_name} preset {preset!r}; choose one of "
+                        f"{sorted(cls.PRESETS)}")
         preset = None
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    fields_: dict[str, Any] = {}
     before = len(problems)
-    for k, v in data.items():
-        if k not in names:
-            problems.append(_unknown(str(k), names + ["family", "preset"], "model."))
-            continue
-        fields_[k] = _check_value(v, hints[k], f"model.{k}", problems)
-    spec = ModelSpec(family=family, preset=preset, fields=fields_)
+    fields = _check_fields(cls, data, "model.", ["family", "preset"], problems)
+    spec = ModelSpec(family=family_name, preset=preset, fields=fields)
     if len(problems) == before:
         try:
             spec.build()
@@ -265,69 +217,77 @@ def _build_model_spec(data: Any, problems: list[str]) -> ModelSpec:
     return spec
 
 
-def build_run_config(data: dict[str, Any]) -> RunConfig:
-    """Typed ``RunConfig`` from a plain mapping; raises one ValueError listing every problem."""
-    problems: list[str] = []
-    if not isinstance(data, dict):
-        raise ValueError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    hints = typing.get_type_hints(RunConfig)
-    names = [f.name for f in dataclasses.fields(RunConfig)]
-    kwargs: dict[str, Any] = {}
-    for k, v in data.items():
-        if k not in names:
-            problems.append(_unknown(str(k), names, ""))
-        elif k == "model":
-            kwargs[k] = _build_model_spec(v, problems)
-        else:
-            kwargs[k] = _check_value(v, hints[k], k, problems)
-    cfg = RunConfig(**kwargs)
-    if not problems:
-        problems += _value_problems(cfg)
-    if problems:
-        raise ValueError("invalid run config:\n  " + "\n  ".join(problems))
-    return cfg
-
-
 def _value_problems(cfg: RunConfig) -> list[str]:
     p: list[str] = []
-    p += cfg.data.validate()
-    p += cfg.train.validate()
-    p += cfg.optim.validate()
-    p += cfg.checkpoint.validate()
-    p += cfg.tracking.validate()
+    for section in (cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.tracking):
+        p += section.problems()
     if not cfg.run_dir:
         p.append("run_dir must be a directory path")
-    if not cfg.resolve_ds_config_path().is_file():
+    if not cfg.ds_config_path().is_file():
         p.append(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
+    try:
+        registry.task_name(cfg.model.family, cfg.task)
+    except ConfigError as e:
+        p.append(str(e))
     return p
+
+
+def build_run_config(data: dict[str, Any]) -> RunConfig:
+    """Typed ``RunConfig`` from a plain mapping; raises one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got "
+                          f"{type(data).__name__}")
+    problems: list[str] = []
+    rest = {k: v for k, v in data.items() if k != "model"}
+    spec = _model_spec(data["model"], problems) if "model" in data else ModelSpec()
+    try:
+        cfg = RunConfig.model_validate({**rest, "model": spec})
+    except ValidationError as e:
+        problems += [_describe(err) for err in e.errors()]
+        cfg = None
+    if cfg is not None and not problems:
+        problems += _value_problems(cfg)
+    if problems:
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
+    assert cfg is not None
+    return cfg
 
 
 # ----------------------------------------------------------------------------- loading
 
 
+def shipped_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in SHIPPED.iterdir()
+                  if p.name.endswith(".yaml"))
+
+
 def find_config_file(name: str) -> Path:
-    """``name`` as a path, else ``configs/<name>.yaml`` of this checkout."""
+    """``name`` as a path, else the shipped recipe ``<name>`` / ``<name>.yaml``."""
     p = Path(name)
     if p.is_file():
         return p
-    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    shipped = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
-    raise ValueError(f"--config: no file {name!r} and no shipped recipe of that name "
-                     f"(shipped: {', '.join(shipped)})")
+    if p.parent == Path("."):
+        for cand in (SHIPPED / name, SHIPPED / f"{name}.yaml"):
+            if cand.is_file():
+                return Path(str(cand))
+    raise ConfigError(f"--config: no file {name!r} and no shipped recipe of that name "
+                      f"(shipped: {', '.join(shipped_recipes())})")
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value); the value is parsed as a YAML scalar."""
     if "=" not in text:
-        raise ValueError(f"override {text!r}: expected key=value, e.g. train.max_steps=50")
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.max_steps=50")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ValueError(f"override {text!r}: bad key {key!r}")
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -345,7 +305,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ValueError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a "
+                                  "section")
             node = nxt
         node[parts[-1]] = value
     return out
@@ -353,13 +314,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ValueError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
 
 
@@ -369,8 +330,8 @@ def load_run_config(config: str, overrides: list[str] | None = None) -> RunConfi
     data = apply_overrides(load_yaml(path), list(overrides or []))
     try:
         return build_run_config(data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def dump_yaml(cfg: RunConfig) -> str:

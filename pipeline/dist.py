@@ -1,4 +1,5 @@
-"""Process-level plumbing: who am I (rank discovery), seeding, preemption signals, exit codes.
+"""Process-level plumbing without torch: who am I (rank discovery), node lists, ports, and the
+preemption flag. (Joining the process group and RNG state: training/process.py.)
 
 Rank discovery reads the environment of whichever launcher started us, first match wins:
 
@@ -9,25 +10,18 @@ Rank discovery reads the environment of whichever launcher started us, first mat
     nothing              a single process (rank 0 of 1)
 
 and ``export_torch_env`` writes the result back as RANK/WORLD_SIZE/... so torch's ``env://``
-rendezvous works under all of them. Importing this module does not import torch.
+rendezvous works under all of them.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-# Exit codes of `zeroforge train` (one home; launch/ and docs/training.md refer to these).
-EXIT_OK = 0
-EXIT_FAILED = 1  # crash, too many non-finite steps, unloadable checkpoint
-EXIT_CONFIG = 2  # bad config / command line (the message names the key)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; requeue
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DEFAULT_MASTER_PORT = 29500
@@ -124,7 +118,6 @@ def master_port(job_id: int) -> int:
     return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
 
 
-
 def first_slurm_host(nodelist: str) -> str:
     """First host of a Slurm node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``."""
     return expand_nodelist(nodelist)[0]
@@ -202,62 +195,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def init_distributed(d: DistEnv) -> str:
-    """Join the process group (gloo on CPU, NCCL on CUDA); returns the device name."""
-    import deepspeed
-    import torch
-    from deepspeed.accelerator import get_accelerator
-
-    if d.source == "single" and "MASTER_PORT" not in os.environ:
-        # A lone process still needs a (1-rank) group for DeepSpeed; avoid a fixed port that
-        # a concurrent run may hold.
-        d = DistEnv(master_port=free_port())
-    export_torch_env(d)
-    accel = get_accelerator()
-    on_gpu = accel.device_name() == "cuda" and torch.cuda.is_available()
-    backend = "nccl" if on_gpu else "gloo"
-    if on_gpu:
-        torch.cuda.set_device(d.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               rank=d.rank, world_size=d.world_size)
-    return f"cuda:{d.local_rank}" if on_gpu else "cpu"
-
-
-# ----------------------------------------------------------------------------- seeding / RNG
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) with ``seed``."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- preemption

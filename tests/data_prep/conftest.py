@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data_prep.build import PrepOptions, build_store
-from data_prep.sources import SourceOptions
-from data_prep.store import Layout
-from data_prep.tokenize import get_encoding
+from zeroforge.data_prep.build import PrepOptions, build_store
+from zeroforge.data_prep.sources import SourceOptions
+from zeroforge.data_prep.store import Layout
+from zeroforge.data_prep.tokenize import get_encoding
 
 REPO = Path(__file__).resolve().parents[2]
 EOT = 50256
@@ -198,7 +197,7 @@ def zf(capsys, caplog) -> Callable[..., CliResult]:
     """Run `zeroforge ARGS...` in this process (no interpreter start-up: fast)."""
     import logging
 
-    from pipeline.cli import main
+    from zeroforge.launch.cli import main
 
     def run(*argv: str) -> CliResult:
         capsys.readouterr()
@@ -217,7 +216,7 @@ def zf(capsys, caplog) -> Callable[..., CliResult]:
 def zeroforge_cmd() -> list[str]:
     """The installed console script when present, else the module (same entry point)."""
     script = Path(sys.executable).parent / "zeroforge"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "zeroforge.launch"]
 
 
 def zf_subprocess(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:

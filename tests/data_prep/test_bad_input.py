@@ -8,10 +8,9 @@ import logging
 
 import numpy as np
 import pytest
-
-from data_prep.build import PrepError, build_store
-from data_prep.store import Layout, StoreError, TokenStore
-from data_prep.tokenize import TokenizerError, get_encoding
+from zeroforge.data_prep.build import PrepError, build_store
+from zeroforge.data_prep.store import Layout, StoreError, TokenStore
+from zeroforge.data_prep.tokenize import TokenizerError, get_encoding
 
 from .conftest import EOT, TINY_CLI, opts, root_attrs, store_digest
 
@@ -44,7 +43,7 @@ def _mixed_jsonl(path):
 
 def test_bad_records_are_skipped_counted_and_logged_with_file_and_line(tmp_path, caplog):
     src = _mixed_jsonl(tmp_path / "mixed.jsonl")
-    with caplog.at_level(logging.WARNING, logger="data_prep"):
+    with caplog.at_level(logging.WARNING, logger="zeroforge.data_prep"):
         attrs = build_store([str(src)], tmp_path / "s", opts())
     skipped = attrs["skipped"]
     assert skipped["total"] == len(BAD_LINES) + 2

@@ -9,10 +9,9 @@ import os
 
 import numpy as np
 import pytest
-
-from data_prep.build import PrepError, build_store
-from data_prep.store import Layout, TokenStore
-from data_prep.tokenize import get_encoding
+from zeroforge.data_prep.build import PrepError, build_store
+from zeroforge.data_prep.store import Layout, TokenStore
+from zeroforge.data_prep.tokenize import get_encoding
 
 from .conftest import (
     EOT,
@@ -195,7 +194,7 @@ def test_rerun_on_a_complete_store_is_a_noop(corpus, tmp_path, caplog):
     first = build_store([str(corpus.root)], out, o)
     before = {p: os.stat(out / p).st_mtime_ns for p in store_files(out)}
     digest = store_digest(out)
-    with caplog.at_level(logging.INFO, logger="data_prep"):
+    with caplog.at_level(logging.INFO, logger="zeroforge.data_prep"):
         again = build_store([str(corpus.root)], out, o)
     assert "already complete" in caplog.text and "nothing to do" in caplog.text
     assert again == first
@@ -263,7 +262,7 @@ def test_invalid_options_are_collected_into_one_error(corpus, tmp_path):
 def test_real_corpora_from_shared_data(shared_data, tmp_path):
     """wikitext-2 articles (JSONL with a title field) + tinyshakespeare (paragraph mode): every
     document equals tiktoken's encoding + EOT, and the whole store verifies."""
-    from data_prep.verify import verify_store
+    from zeroforge.data_prep.verify import verify_store
 
     articles = shared_data / "wikitext-2" / "articles.jsonl"
     shakespeare = shared_data / "tinyshakespeare.txt"

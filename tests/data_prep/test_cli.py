@@ -21,7 +21,7 @@ def test_help_through_the_console_script(command):
 
 def test_help_through_python_dash_m():
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "prep", "--help"],
+        [sys.executable, "-m", "zeroforge.launch", "prep", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,

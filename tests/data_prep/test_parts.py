@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data_prep.parts import part_dir
-from data_prep.store import TokenStore
-from data_prep.verify import verify_store
+from zeroforge.data_prep.parts import part_dir
+from zeroforge.data_prep.store import TokenStore
+from zeroforge.data_prep.verify import verify_store
 
 from .conftest import (
     TINY_CLI,

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from data_prep.build import PrepError, build_store
-from data_prep.cli import add_arguments, options_from_args
-from data_prep.store import StoreError, TokenStore
+from zeroforge.data_prep.build import PrepError, build_store
+from zeroforge.data_prep.store import StoreError, TokenStore
+from zeroforge.launch.commands.prep import add_arguments, options_from_args
 
 from .conftest import REPO, TINY_CLI, opts, store_digest, store_files, zeroforge_cmd
 
@@ -159,7 +158,7 @@ def test_build_stopped_by_strict_resumes_to_the_clean_store(tmp_path, caplog):
     assert json.loads((out / "_build" / "ledger.json").read_text())["commit"] > 3
     with pytest.raises(StoreError, match="did not complete"):
         TokenStore.open(out)
-    with caplog.at_level(logging.INFO, logger="data_prep"):
+    with caplog.at_level(logging.INFO, logger="zeroforge.data_prep"):
         build_store([str(corpus)], out, opts(workers=2, **common))
     assert "resuming" in caplog.text
     assert store_digest(out) == store_digest(tmp_path / "clean")

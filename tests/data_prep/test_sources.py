@@ -9,8 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
-from data_prep.sources import (
+from zeroforge.data_prep.sources import (
     SourceError,
     SourceOptions,
     Unit,

@@ -10,8 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-
-from data_prep.store import Layout, StoreError, TokenStore
+from zeroforge.data_prep.store import Layout, StoreError, TokenStore
 
 from .conftest import (
     MISSING,
@@ -230,7 +229,7 @@ def test_fingerprint_is_stable_and_content_bound(built_store, tmp_path):
 
 
 def test_zstd_store_reads_equal_and_names_a_corrupt_chunk(corpus, built_store, full, tmp_path):
-    from data_prep.build import build_store
+    from zeroforge.data_prep.build import build_store
 
     from .conftest import opts
 

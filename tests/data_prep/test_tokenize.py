@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data_prep.tokenize import (
+from zeroforge.data_prep.tokenize import (
     GPT2_ENCODER_JSON_SHA256,
     GPT2_VOCAB_BPE_SHA256,
     BatchEncoder,
@@ -93,7 +92,7 @@ def test_batch_encoder_workers_give_the_same_batches_in_order():
 def test_gpt2_ranks_cache_is_written_checked_and_rebuilt(tmp_path, monkeypatch):
     """The fast-loading cache of GPT-2's ranks is written on first use, used after, and a
     damaged cache file is ignored (hash mismatch) and replaced, never trusted."""
-    from data_prep import tokenize
+    from zeroforge.data_prep import tokenize
 
     monkeypatch.setenv("ZEROFORGE_CACHE_DIR", str(tmp_path))
     first = tokenize._gpt2_offline()

@@ -6,8 +6,7 @@ import json
 import zlib
 
 import numpy as np
-
-from data_prep.store import TokenStore
+from zeroforge.data_prep.store import TokenStore
 
 from .conftest import (
     MISSING,

@@ -1,13 +1,12 @@
 """Real multi-process training runs for the e2e tests: a tiny token store and a launcher helper.
 
-Every run is a real `deepspeed --num_gpus N --module pipeline.train` (CPU ranks over gloo) of
+Every run is a real `deepspeed --num_gpus N --module zeroforge.launch train` (CPU ranks over gloo) of
 configs/gpt2-tiny-cpu.yaml shrunk further by overrides. Each launch costs several seconds of
 startup on 2 cores, so tests share runs through module-scoped fixtures.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from zeroforge.launch.local import is_rank
+from zeroforge.pipeline.tracking.metrics_file import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -56,18 +57,14 @@ def deepspeed_cpu_op(deepspeed_shm_cleanup) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real token store from ~200 KB of tinyshakespeare, one document per paragraph."""
-    from data_prep.build import PrepOptions, build_store
-    from data_prep.sources import SourceOptions
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real token store of this Python's pydoc topic texts (79 documents, ~120k tokens):
+    builtin, so every clone runs the end-to-end tests without ../shared."""
+    from zeroforge.data_prep.build import PrepOptions, build_store
 
-    root = tmp_path_factory.mktemp("store")
-    text = root / "shakespeare.txt"
-    text.write_text((shared_data / "tinyshakespeare.txt").read_text()[:200_000])
-    out = root / "store"
-    build_store([str(text)], out, PrepOptions(tokenizer="gpt2", val_fraction=0.1,
-                                              source=SourceOptions(text_mode="paragraph"),
-                                              progress=False))
+    out = tmp_path_factory.mktemp("store") / "store"
+    build_store(["builtin:pydoc-topics"], out, PrepOptions(tokenizer="gpt2", val_fraction=0.1,
+                                                           progress=False))
     return out
 
 
@@ -84,13 +81,6 @@ def tiny_overrides(store: Path, run_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @dataclass
 class Result:
     returncode: int
@@ -103,7 +93,7 @@ class Result:
 
 
 def free_port() -> int:
-    from pipeline.dist import free_port as fp
+    from zeroforge.pipeline.dist import free_port as fp
 
     return fp()
 
@@ -114,10 +104,10 @@ def start(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None 
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"launch-{time.time_ns()}.log"
     if nproc == 1:
-        cmd = [PYTHON, "-m", "pipeline.train", "--config", TINY_CONFIG, *overrides]
+        cmd = [PYTHON, "-m", "zeroforge.launch", "train", "--config", TINY_CONFIG, *overrides]
     else:
         cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               "--module", "pipeline.train", "--config", TINY_CONFIG, *overrides]
+               "--module", "zeroforge.launch", "train", "--config", TINY_CONFIG, *overrides]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT,
@@ -151,7 +141,7 @@ def rank_processes(proc: subprocess.Popen) -> dict[int, object]:
             cmd = child.cmdline()
         except psutil.NoSuchProcess:
             continue
-        if "pipeline.train" in cmd:
+        if is_rank(cmd):
             for arg in cmd:
                 if arg.startswith("--local_rank="):
                     out[int(arg.split("=")[1])] = child
@@ -161,18 +151,13 @@ def rank_processes(proc: subprocess.Popen) -> dict[int, object]:
 def wait_for_step(result_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 180
                   ) -> None:
     """Block until metrics.jsonl has a record with ``step`` >= step (or the run ended)."""
-    path = result_dir / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             return
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) >= step:
-                        return
-                except json.JSONDecodeError:
-                    continue  # a line being written
+        # The reader skips a line being written (it reads as a torn last line).
+        if any(r["step"] >= step for r in read_metrics(result_dir)):
+            return
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s")
 

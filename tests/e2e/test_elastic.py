@@ -116,12 +116,24 @@ def _final_state(run_dir):
     return module, adam
 
 
+def _without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The attention key bias gets a zero gradient in exact arithmetic (softmax ignores a
+    constant added to every logit of a query), so its gradient is pure rounding noise, which
+    Adam amplifies to steps of lr * |g| / eps: it is left out of the weight comparison."""
+    if name.endswith("attn.c_attn.bias"):
+        third = value.numel() // 3
+        return torch.cat([value[:third], value[2 * third:]])
+    return value
+
+
 def test_zero2_final_weights_and_adam_state_match(runs):
     ref, z2, _ = runs
     (w_ref, adam_ref), (w, adam) = _final_state(ref.run_dir), _final_state(z2[-1].run_dir)
     assert w.keys() == w_ref.keys() and adam.keys() == adam_ref.keys()
     for name in w_ref:
-        torch.testing.assert_close(w[name], w_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(_without_key_bias(name, w[name]),
+                                   _without_key_bias(name, w_ref[name]), rtol=1e-5, atol=1e-7,
+                                   msg=name)
     for name in adam_ref:  # exp_avg, exp_avg_sq and the step count of every partition
         torch.testing.assert_close(adam[name], adam_ref[name], rtol=1e-5, atol=1e-9, msg=name)
     assert float(adam["rank0.group0.step"]) == STEPS

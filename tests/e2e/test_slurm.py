@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from pipeline.dist import EXIT_PREEMPTED
+from zeroforge.pipeline.errors import EXIT_PREEMPTED
+from zeroforge.pipeline.tracking.metrics_file import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "tests" / "slurm" / "start_slurm.sh"
@@ -46,7 +46,7 @@ def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                     "SlurmUser=root); run the suite as root to include these tests")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         pytest.skip("Slurm is not installed and apt-get is not available to install it")
-    from pipeline.dist import free_port
+    from zeroforge.pipeline.dist import free_port
 
     cluster_dir = tmp_path_factory.mktemp("slurm")
     # Own ports, so a Slurm already running on this machine (6817/6818) is left alone.
@@ -89,7 +89,7 @@ def _torch_extensions_dir() -> str:
 def pydoc_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The token store the brief asks for: `zeroforge prep builtin:pydoc-topics ...`."""
     out = tmp_path_factory.mktemp("store") / "pydoc"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "prep", "builtin:pydoc-topics",
+    proc = subprocess.run([sys.executable, "-m", "zeroforge.launch", "prep", "builtin:pydoc-topics",
                            "--out", str(out), "--val-fraction", "0.1", "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,7 +112,7 @@ def _overrides(store: Path, run_dir: Path, steps: int, **extra: object) -> list[
 
 
 def _zeroforge(args: list[str], env: dict[str, str], cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "zeroforge.launch", *args], capture_output=True,
                           text=True, env={**os.environ, **env}, cwd=cwd, timeout=120)
     assert proc.returncode == 0, f"zeroforge {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -147,23 +147,12 @@ def wait_for_step(run_dir: Path, step: int, job_id: int, env: dict[str, str]) ->
     path = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
-        if any(r.get("step", 0) >= step for r in _records(path)):
+        if any(r.get("step", 0) >= step for r in read_metrics(path)):
             return
         if job_info(job_id, env)["JobState"] in FINAL_STATES:
             raise AssertionError(f"job {job_id} ended before step {step}")
         time.sleep(0.2)
     raise AssertionError(f"step {step} not reached in {JOB_TIMEOUT_S}s")
-
-
-def _records(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written
-    return out
 
 
 def _tail(path: Path | None, n: int = 6000) -> str:
@@ -196,7 +185,7 @@ def test_train_job_with_two_ranks_completes(slurm_env, pydoc_store, tmp_path):
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
     assert info["NumTasks"] == "2" and info["Restarts"] == "0"
     assert "2 ranks, master" in log and "world size 2" in log
-    assert _train_steps(_records(run_dir / "metrics.jsonl")) == [1, 2, 3, 4]
+    assert _train_steps(read_metrics(run_dir / "metrics.jsonl")) == [1, 2, 3, 4]
     assert (run_dir / "slurm" / "zf-gpt2-tiny-cpu.sbatch").is_file()
 
 
@@ -226,7 +215,7 @@ def test_usr1_checkpoints_requeues_and_resumes_in_one_mlflow_run(
     assert 3 <= preempted_at < steps
     assert f"resuming from {run_dir / 'checkpoints'}/step_{preempted_at:08d}" in log
 
-    records = _records(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / "metrics.jsonl")
     assert _train_steps(records) == list(range(1, steps + 1)), "each step exactly once"
 
     from mlflow.tracking import MlflowClient
@@ -252,8 +241,8 @@ def _corpus(root: Path) -> list[str]:
 
 
 def test_prep_job_array_equals_a_local_build(slurm_env, tmp_path):
-    from data_prep.build import PrepOptions, build_store
-    from data_prep.store import TokenStore
+    from zeroforge.data_prep.build import PrepOptions, build_store
+    from zeroforge.data_prep.store import TokenStore
 
     inputs = _corpus(tmp_path / "corpus")
     local = tmp_path / "local"

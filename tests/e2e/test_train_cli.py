@@ -8,15 +8,15 @@ import json
 import subprocess
 
 import pytest
+from zeroforge.pipeline.errors import EXIT_CONFIG, EXIT_FAILED
 
-from pipeline.dist import EXIT_CONFIG, EXIT_FAILED
 from tests.e2e.conftest import PYTHON, REPO, read_metrics
 
 T5_CONFIG = str(REPO / "configs" / "t5-tiny-cpu.yaml")
 
 
 def _zeroforge(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([PYTHON, "-m", "zeroforge.launch", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 

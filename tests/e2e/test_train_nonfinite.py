@@ -8,8 +8,8 @@ relies on DeepSpeed discarding a step whose gradient norm is not finite."""
 from __future__ import annotations
 
 import pytest
+from zeroforge.pipeline.training.checkpoint import committed
 
-from pipeline.checkpoint import committed
 from tests.e2e.conftest import checksums, launch, tiny_overrides
 
 

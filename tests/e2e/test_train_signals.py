@@ -7,9 +7,9 @@ from __future__ import annotations
 import signal
 
 import pytest
+from zeroforge.pipeline.errors import EXIT_PREEMPTED
+from zeroforge.pipeline.training.checkpoint import latest_committed
 
-from pipeline.checkpoint import latest_committed
-from pipeline.dist import EXIT_PREEMPTED
 from tests.e2e.conftest import (
     checksums,
     finish,

@@ -76,7 +76,7 @@ def test_mlflow_contents(zero1_run):
 def test_eval_is_deterministic(zero1_run):
     result, overrides, _ = zero1_run
     overrides = [o for o in overrides if not o.startswith("tracking.")]
-    cmd = [PYTHON, "-m", "pipeline.cli", "eval", "--config", TINY_CONFIG, *overrides]
+    cmd = [PYTHON, "-m", "zeroforge.launch", "eval", "--config", TINY_CONFIG, *overrides]
     outs = []
     for _ in range(2):
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)

@@ -49,7 +49,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("store") / "pydoc"
-    subprocess.run([PYTHON, "-m", "pipeline.cli", "prep", "builtin:pydoc-topics", "--out",
+    subprocess.run([PYTHON, "-m", "zeroforge.launch", "prep", "builtin:pydoc-topics", "--out",
                     str(out), "--val-fraction", "0.1"], check=True, cwd=REPO,
                    capture_output=True)
     return out
@@ -90,7 +90,7 @@ def start(nodes: SimNodes, run_dir: Path, args: list[str], extensions: Path,
     """`zeroforge launch deepspeed` inside node1's namespace, in its own session."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "launch.log"
-    cmd = [*nodes.exec_prefix("node1"), PYTHON, "-m", "pipeline.cli", "launch", "deepspeed",
+    cmd = [*nodes.exec_prefix("node1"), PYTHON, "-m", "zeroforge.launch", "launch", "deepspeed",
            "--hostfile", str(nodes.hostfile), "--ssh-config", str(nodes.ssh_config),
            "--config", TINY_CONFIG, *args]
     full_env = {k: v for k, v in os.environ.items()
@@ -148,7 +148,7 @@ def rank_pids(nodes: SimNodes, node: str) -> list[int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pipeline.train" in argv and any(a.startswith(b"--local_rank=") for a in argv):
+        if b"zeroforge.launch" in argv and any(a.startswith(b"--local_rank=") for a in argv):
             out.append(pid)
     return out
 

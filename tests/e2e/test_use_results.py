@@ -9,7 +9,6 @@ run fine-tunes from the first one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zeroforge.launch.cli import main
 
 from tests.e2e.conftest import PYTHON, REPO, finish, launch, read_metrics, start, tiny_overrides
 
@@ -27,15 +27,13 @@ T5_STEPS = 4
 
 
 def _zeroforge(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([PYTHON, "-m", "zeroforge.launch", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def _run_module(module: object, argv: list[str]) -> int:
-    """A subcommand in this process (what `zeroforge <cmd>` does after parsing)."""
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)  # type: ignore[attr-defined]
-    return module.run(parser.parse_args(argv))  # type: ignore[attr-defined]
+def _run_module(command: str, argv: list[str]) -> int:
+    """``zeroforge <command> <argv>`` in this process."""
+    return main([command, *argv])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def runs(tiny_store, tmp_path_factory):
     t5_log = t5_dir / "launch.log"
     with open(t5_log, "w") as f:
         t5 = subprocess.Popen(
-            [PYTHON, "-m", "pipeline.cli", "train", "--config", T5_CONFIG, "--nproc", "2",
+            [PYTHON, "-m", "zeroforge.launch", "train", "--config", T5_CONFIG, "--nproc", "2",
              f"data.store={tiny_store}", f"run_dir={t5_dir}", "data.seq_len=32",
              "data.val_windows=4", "train.micro_batch_size=2", "train.grad_accum=1",
              f"train.max_steps={T5_STEPS}", "checkpoint.every=0", "train.eval_every=0",
@@ -69,14 +67,12 @@ def _logged_val(run_dir: Path) -> dict:
 
 def test_export_zero3_gpt2_matches_transformers(runs, tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    from data_prep.tokenize import get_encoding
-    from pipeline import export
-    from pipeline.weights import load_model
+    from zeroforge.data_prep.tokenize import get_encoding
+    from zeroforge.pipeline.results.weights import load_model
 
     gpt, _ = runs
     out = tmp_path / "hf"
-    assert _run_module(export, ["--checkpoint", str(gpt.run_dir), "--out", str(out)]) == 0
+    assert _run_module("export", ["--checkpoint", str(gpt.run_dir), "--out", str(out)]) == 0
     ours, info = load_model(gpt.run_dir)
     assert info.zero_stage == 3 and info.step == GPT_STEPS and info.tokenizer == "gpt2"
     theirs = GPT2LMHeadModel.from_pretrained(out).eval()
@@ -90,21 +86,19 @@ def test_export_zero3_gpt2_matches_transformers(runs, tmp_path):
     text = "ROMEO: hello, world"
     assert tok(text)["input_ids"] == get_encoding("gpt2").encode_ordinary(text)
     # An export does not overwrite a non-empty directory by accident.
-    assert _run_module(export, ["--checkpoint", str(gpt.run_dir), "--out", str(out)]) == 2
+    assert _run_module("export", ["--checkpoint", str(gpt.run_dir), "--out", str(out)]) == 2
 
 
 def test_export_t5_matches_transformers(runs, tmp_path):
     from transformers import T5ForConditionalGeneration
-
-    from pipeline import export
-    from pipeline.weights import load_model
+    from zeroforge.pipeline.results.weights import load_model
 
     _, t5 = runs
     out = tmp_path / "hf-t5"
-    assert _run_module(export, ["--checkpoint", str(t5.run_dir / "checkpoints"),
+    assert _run_module("export", ["--checkpoint", str(t5.run_dir / "checkpoints"),
                                 "--out", str(out)]) == 0
     ours, info = load_model(t5.run_dir)
-    assert info.family == "encdec" and info.zero_stage == 2 and info.step == T5_STEPS
+    assert info.family.name == "encdec" and info.zero_stage == 2 and info.step == T5_STEPS
     theirs = T5ForConditionalGeneration.from_pretrained(out).eval()
     g = torch.Generator().manual_seed(0)
     src = torch.randint(0, 50257, (2, 20), generator=g)
@@ -129,29 +123,27 @@ def test_eval_checkpoint_json_equals_training_eval(runs):
 
 
 def test_eval_train_split_and_errors(runs, capsys, tmp_path):
-    from pipeline import evaluate
 
     gpt, t5 = runs
     tag = gpt.run_dir / "checkpoints" / f"step_{GPT_STEPS:08d}"
-    assert _run_module(evaluate, ["--checkpoint", str(tag), "--split", "train", "--json"]) == 0
+    assert _run_module("eval", ["--checkpoint", str(tag), "--split", "train", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["split"] == "train" and math.isfinite(out["train/loss"]) and out["train/tokens"]
     assert out["train/loss"] != _logged_val(gpt.run_dir)["val/loss"]
     # T5 checkpoints evaluate the same way (span-corruption val windows).
-    assert _run_module(evaluate, ["--checkpoint", str(t5.run_dir), "--json"]) == 0
+    assert _run_module("eval", ["--checkpoint", str(t5.run_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert math.isclose(out["val/loss"], _logged_val(t5.run_dir)["val/loss"], rel_tol=1e-5)
     # A run dir without checkpoints: a one-line error, exit 1.
-    assert _run_module(evaluate, ["--checkpoint", str(tmp_path)]) == 1
+    assert _run_module("eval", ["--checkpoint", str(tmp_path)]) == 1
     assert "no committed checkpoint" in capsys.readouterr().err
 
 
 def test_sample_gpt2_greedy(runs, capsys):
-    from data_prep.tokenize import get_encoding
-    from pipeline import sample
+    from zeroforge.data_prep.tokenize import get_encoding
 
     gpt, _ = runs
-    assert _run_module(sample, ["--checkpoint", str(gpt.run_dir / "checkpoints"), "--prompt",
+    assert _run_module("sample", ["--checkpoint", str(gpt.run_dir / "checkpoints"), "--prompt",
                                 "ROMEO:", "--max-new-tokens", "8", "--temperature", "0",
                                 "--num-samples", "2", "--json"]) == 0
     a, b = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
@@ -161,23 +153,22 @@ def test_sample_gpt2_greedy(runs, capsys):
 
 
 def test_sample_seeded_and_t5_sentinels(runs, capsys):
-    from pipeline import sample
 
     gpt, t5 = runs
     base = ["--checkpoint", str(gpt.run_dir), "--prompt", "To be", "--max-new-tokens", "6",
             "--num-samples", "3", "--top-k", "50", "--top-p", "0.95", "--json"]
     outs = []
     for seed in ("7", "7", "8"):
-        assert _run_module(sample, [*base, "--seed", seed]) == 0
+        assert _run_module("sample", [*base, "--seed", seed]) == 0
         outs.append([json.loads(x)["tokens"] for x in capsys.readouterr().out.splitlines()])
     assert outs[0] == outs[1] and outs[0] != outs[2]
-    assert _run_module(sample, ["--checkpoint", str(t5.run_dir), "--prompt",
+    assert _run_module("sample", ["--checkpoint", str(t5.run_dir), "--prompt",
                                 "To be, or <extra_id_0> to be", "--max-new-tokens", "5",
                                 "--temperature", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["tokens"]) <= 5
-    assert _run_module(sample, ["--checkpoint", str(t5.run_dir), "--prompt", "<extra_id_999>"
-                                ]) == 1
+    assert _run_module("sample", ["--checkpoint", str(t5.run_dir), "--prompt", "<extra_id_999>"
+                                ]) == 2  # a bad command-line value
     assert "100 sentinels" in capsys.readouterr().err
 
 
@@ -199,7 +190,7 @@ def test_init_from_starts_where_the_previous_run_ended(runs, tiny_store, tmp_pat
     assert abs(first - ended) < abs(first - scratch), (first, ended, scratch)
     assert first < scratch - 1.0, (first, scratch)
     # Its stage-0 checkpoint (the whole module in one file) loads the same way.
-    from pipeline.weights import load_model
+    from zeroforge.pipeline.results.weights import load_model
 
     model, info = load_model(run_dir)
     assert info.zero_stage == 0 and info.step == 3 and info.tokenizer == "gpt2"

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from launch import hostfile as hf
+from zeroforge.launch import hostfile as hf
+from zeroforge.launch.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,7 +148,7 @@ def test_plan_and_command(tmp_path):
     assert cmd[cmd.index("--master_port") + 1] == "29600"
     assert "--no_ssh_check" in cmd and "--force_multi" not in cmd
     assert cmd[cmd.index("--module"):] == [
-        "--module", "pipeline.train", "--config", "gpt2-tiny-cpu", "train.max_steps=5",
+        "--module", "zeroforge.launch", "train", "--config", "gpt2-tiny-cpu", "train.max_steps=5",
         "tracking.run_name=two words"]
 
 
@@ -202,18 +202,18 @@ def test_cli_dry_run_prints_command_and_environment(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert code == 0
     assert "GLOO_SOCKET_IFNAME=eth7\n" in out and f"PATH={Path(sys.executable).parent}:$PATH" in out
-    assert "deepspeed.launcher.runner" in out and "--module pipeline.train" in out
+    assert "deepspeed.launcher.runner" in out and "--module zeroforge.launch train" in out
     assert "train.max_steps=3" in out
 
 
 def test_cli_rejects_a_bad_config_key_before_contacting_hosts(tmp_path, capsys):
     hosts = tmp_path / "hosts"
     hosts.write_text("unreachable.invalid slots=1\n")
-    code = hf.run(parse_args("--hostfile", str(hosts), "--config", "gpt2-tiny-cpu",
-                             "train.max_stepz=3"))
+    code = main(["launch", "deepspeed", "--hostfile", str(hosts), "--config", "gpt2-tiny-cpu",
+                 "train.max_stepz=3"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("zeroforge launch deepspeed:") and "train.max_stepz" in err
+    assert err.startswith("zeroforge launch: error:") and "train.max_stepz" in err
 
 
 # ----------------------------------------------------------------------------- real runner
@@ -287,4 +287,4 @@ def test_environment_reaches_ranks_through_the_real_deepspeed_runner(tmp_path, m
         assert env["SITE_VAR"] == "from the site file"
         assert env["NOT_FORWARDED"] is None
         assert got["cwd"] == str(work)
-        assert got["argv"] == ["--local_rank=0", "--config", "cfg.yaml", "k=v w"]
+        assert got["argv"] == ["--local_rank=0", "train", "--config", "cfg.yaml", "k=v w"]

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from launch import slurm
-from launch.cli import LAUNCHERS, launcher_parser
-from pipeline.cli import main as zeroforge
-from pipeline.dist import EXIT_PREEMPTED, discover, expand_nodelist, first_slurm_host, master_port
+from zeroforge.launch import slurm
+from zeroforge.launch.cli import main as zeroforge
+from zeroforge.launch.commands.launch import LAUNCHERS, launcher_parser
+from zeroforge.pipeline.dist import discover, expand_nodelist, first_slurm_host, master_port
+from zeroforge.pipeline.errors import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "gpt2-tiny-cpu.yaml")
@@ -123,7 +123,7 @@ def test_train_script_gpu(tmp_path):
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))" in script
     assert ('srun --nodes 2 --ntasks-per-node 4 --wait=60 --kill-on-bad-exit=0 "$PYTHON" -m '
-            "pipeline.train --config /cfg/run.yaml train.max_steps=10 'run_dir=/runs/a b'"
+            "zeroforge.launch train --config /cfg/run.yaml train.max_steps=10 'run_dir=/runs/a b'"
             ) in script
     assert f'if [ "$status" -eq {EXIT_PREEMPTED} ]' in script
     assert 'if [ "$restarts" -lt 3 ]' in script
@@ -199,7 +199,7 @@ def test_cli_dry_run_prints_the_script(capsys, tmp_path, monkeypatch):
     assert out.startswith("#!/bin/bash\n")
     assert f"--output={tmp_path / 'run' / 'slurm' / '%x-%j.out'}" in _directives(out)
     assert "--exclusive" in _directives(out)
-    assert f"-m pipeline.train --config {TINY} run_dir={tmp_path / 'run'} train.max_steps=7" \
+    assert f"-m zeroforge.launch train --config {TINY} run_dir={tmp_path / 'run'} train.max_steps=7" \
         in out
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
 

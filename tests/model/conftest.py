@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model import EncDecConfig, GPT2Config
+from zeroforge.model import EncDecConfig, GPT2Config
 
 
 def pytest_configure(config: pytest.Config) -> None:

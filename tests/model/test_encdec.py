@@ -3,8 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
-from model import EncDecConfig, EncoderDecoder, encdec_num_params
+from zeroforge.model import EncDecConfig, EncoderDecoder, encdec_num_params
 
 
 def test_shapes_and_loss_path(t5_cfg: EncDecConfig) -> None:

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model import (
+from zeroforge.model import (
     EncDecConfig,
     EncoderDecoder,
     GPT2Config,

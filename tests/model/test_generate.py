@@ -3,8 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
-from model import GPT2, EncDecConfig, EncoderDecoder, GPT2Config, generate
+from zeroforge.model import (
+    GPT2,
+    EncDecConfig,
+    EncoderDecoder,
+    GPT2Config,
+    Sampling,
+    generate_encdec,
+    generate_gpt2,
+    save_encdec_hf,
+    save_gpt2_hf,
+)
 
 PROMPTS = [[5, 17, 33, 2, 8, 41, 9], [60], [7, 7, 90, 12]]
 
@@ -22,8 +31,8 @@ def t5(t5_cfg: EncDecConfig) -> EncoderDecoder:
 
 
 def test_gpt2_cache_matches_recompute(gpt2: GPT2) -> None:
-    cached = gpt2.generate(PROMPTS, 20, stop_at_eos=False)
-    full = gpt2.generate(PROMPTS, 20, stop_at_eos=False, use_cache=False)
+    cached = generate_gpt2(gpt2, PROMPTS, 20, Sampling(stop_at_eos=False))
+    full = generate_gpt2(gpt2, PROMPTS, 20, Sampling(stop_at_eos=False, use_cache=False))
     assert cached == full
     assert all(len(o) == 20 for o in cached)
     assert len({t for o in cached for t in o}) > 5  # not a degenerate repetition
@@ -40,8 +49,8 @@ def test_gpt2_cached_logits_match_full_forward(gpt2: GPT2) -> None:
 
 
 def test_gpt2_batch_equals_one_by_one(gpt2: GPT2) -> None:
-    batched = gpt2.generate(PROMPTS, 15, stop_at_eos=False)
-    single = [gpt2.generate([p], 15, stop_at_eos=False)[0] for p in PROMPTS]
+    batched = generate_gpt2(gpt2, PROMPTS, 15, Sampling(stop_at_eos=False))
+    single = [generate_gpt2(gpt2, [p], 15, Sampling(stop_at_eos=False))[0] for p in PROMPTS]
     assert batched == single
 
 
@@ -54,66 +63,65 @@ def test_gpt2_left_padding_positions(gpt2: GPT2) -> None:
 
 
 def test_gpt2_greedy_matches_transformers(tmp_path, gpt2: GPT2) -> None:  # noqa: ANN001
-    gpt2.save_hf(tmp_path)
+    save_gpt2_hf(gpt2, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     for p in PROMPTS:
         out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                           max_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0)
-        assert out[0, len(p):].tolist() == gpt2.generate([p], 12, stop_at_eos=False)[0]
+        assert out[0, len(p):].tolist() == generate_gpt2(gpt2, [p], 12, Sampling(stop_at_eos=False))[0]
 
 
 def test_gpt2_stops_at_eos(gpt2: GPT2) -> None:
-    free = gpt2.generate(PROMPTS, 12, stop_at_eos=False)
+    free = generate_gpt2(gpt2, PROMPTS, 12, Sampling(stop_at_eos=False))
     eos = free[0][3]  # force an early stop for prompt 0
-    out = gpt2.generate(PROMPTS, 12, eos_id=eos)
+    out = generate_gpt2(gpt2, PROMPTS, 12, Sampling(eos_id=eos))
     assert out[0] == free[0][: free[0].index(eos) + 1]
     for o, f in zip(out, free, strict=True):
         assert o == (f[: f.index(eos) + 1] if eos in f else f)
 
 
 def test_sampling_top_k1_is_greedy_and_seeded(gpt2: GPT2) -> None:
-    greedy = gpt2.generate(PROMPTS, 10, stop_at_eos=False)
-    assert gpt2.generate(PROMPTS, 10, stop_at_eos=False, do_sample=True, top_k=1,
-                         temperature=1.7, seed=3) == greedy
-    a = gpt2.generate(PROMPTS, 10, stop_at_eos=False, do_sample=True, top_p=0.9, seed=123)
-    b = gpt2.generate(PROMPTS, 10, stop_at_eos=False, do_sample=True, top_p=0.9, seed=123)
-    c = gpt2.generate(PROMPTS, 10, stop_at_eos=False, do_sample=True, top_p=0.9, seed=124)
+    greedy = generate_gpt2(gpt2, PROMPTS, 10, Sampling(stop_at_eos=False))
+    assert generate_gpt2(gpt2, PROMPTS, 10, Sampling(stop_at_eos=False, do_sample=True, top_k=1, temperature=1.7, seed=3)) == greedy
+    a = generate_gpt2(gpt2, PROMPTS, 10, Sampling(stop_at_eos=False, do_sample=True, top_p=0.9, seed=123))
+    b = generate_gpt2(gpt2, PROMPTS, 10, Sampling(stop_at_eos=False, do_sample=True, top_p=0.9, seed=123))
+    c = generate_gpt2(gpt2, PROMPTS, 10, Sampling(stop_at_eos=False, do_sample=True, top_p=0.9, seed=124))
     assert a == b and a != c
-    tiny_p = gpt2.generate(PROMPTS, 10, stop_at_eos=False, do_sample=True, top_p=1e-6, seed=5)
+    tiny_p = generate_gpt2(gpt2, PROMPTS, 10, Sampling(stop_at_eos=False, do_sample=True, top_p=1e-6, seed=5))
     assert tiny_p == greedy  # top_p keeps at least the most likely token
 
 
 def test_invalid_arguments(gpt2: GPT2) -> None:
     with pytest.raises(ValueError, match="top_p"):
-        generate(gpt2, PROMPTS, 3, do_sample=True, top_p=1.5)
+        generate_gpt2(gpt2, PROMPTS, 3, Sampling(do_sample=True, top_p=1.5))
     with pytest.raises(ValueError, match="n_positions"):
-        gpt2.generate(PROMPTS, 64)
+        generate_gpt2(gpt2, PROMPTS, 64)
 
 
 def test_t5_cache_matches_recompute_and_batch(t5: EncoderDecoder) -> None:
-    cached = t5.generate(PROMPTS, 15, stop_at_eos=False)
-    assert cached == t5.generate(PROMPTS, 15, stop_at_eos=False, use_cache=False)
-    assert cached == [t5.generate([p], 15, stop_at_eos=False)[0] for p in PROMPTS]
+    cached = generate_encdec(t5, PROMPTS, 15, Sampling(stop_at_eos=False))
+    assert cached == generate_encdec(t5, PROMPTS, 15, Sampling(stop_at_eos=False, use_cache=False))
+    assert cached == [generate_encdec(t5, [p], 15, Sampling(stop_at_eos=False))[0] for p in PROMPTS]
     assert len({t for o in cached for t in o}) > 5
 
 
 def test_t5_greedy_matches_transformers(tmp_path, t5_cfg: EncDecConfig) -> None:  # noqa: ANN001
     # Symmetric depth: HF's generation cache sizes itself from num_layers (encoder depth).
     t5 = EncoderDecoder(EncDecConfig.from_dict({**t5_cfg.to_dict(), "num_decoder_layers": 2}))
-    t5.save_hf(tmp_path)
+    save_encdec_hf(t5, tmp_path)
     hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     src = torch.tensor([PROMPTS[0], PROMPTS[2] + [0, 0, 0]])
     mask = (torch.arange(7)[None] < torch.tensor([[7], [4]])).long()
     out = hf.generate(input_ids=src, attention_mask=mask, max_new_tokens=10, do_sample=False,
                       eos_token_id=None)
-    ours = t5.generate([PROMPTS[0], PROMPTS[2]], 10, stop_at_eos=False)
+    ours = generate_encdec(t5, [PROMPTS[0], PROMPTS[2]], 10, Sampling(stop_at_eos=False))
     assert out[:, 1:].tolist() == ours  # HF output starts with decoder_start_token_id
 
 
 def test_t5_stops_at_eos(t5: EncoderDecoder) -> None:
-    free = t5.generate(PROMPTS, 12, stop_at_eos=False)
+    free = generate_encdec(t5, PROMPTS, 12, Sampling(stop_at_eos=False))
     eos = free[1][2]
-    out = t5.generate(PROMPTS, 12, eos_id=eos)
+    out = generate_encdec(t5, PROMPTS, 12, Sampling(eos_id=eos))
     for o, f in zip(out, free, strict=True):
         assert o == (f[: f.index(eos) + 1] if eos in f else f)

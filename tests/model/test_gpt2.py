@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from model import GPT2, GPT2Config, gpt2_num_params
+from zeroforge.model import GPT2, GPT2Config, gpt2_num_params
 
 
 def test_shapes_and_loss_path(gpt2_cfg: GPT2Config) -> None:

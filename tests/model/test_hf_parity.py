@@ -9,8 +9,16 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-
-from model import GPT2, EncDecConfig, EncoderDecoder, GPT2Config
+from zeroforge.model import (
+    GPT2,
+    EncDecConfig,
+    EncoderDecoder,
+    GPT2Config,
+    load_encdec_hf,
+    load_gpt2_hf,
+    save_encdec_hf,
+    save_gpt2_hf,
+)
 
 ATOL = 1e-4
 
@@ -33,14 +41,14 @@ def test_gpt2_export_to_hf(tmp_path: Path, gpt2_cfg: GPT2Config, pad_multiple: i
         for n, p in ours.named_parameters():
             if "ln_" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    ours.save_hf(tmp_path)
+    save_gpt2_hf(ours, tmp_path)
     sd = load_file(str(tmp_path / "model.safetensors"))
     assert sd["transformer.wte.weight"].shape[0] == 97  # padding dropped
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     x = torch.randint(0, 97, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(x), atol=ATOL, rtol=0)
-    back = GPT2.from_hf(tmp_path)
+    back = load_gpt2_hf(tmp_path)
     assert back.config == cfg  # zeroforge_config.json restores padding etc.
     torch.testing.assert_close(back(x), ours(x), atol=1e-6, rtol=0)
 
@@ -48,12 +56,12 @@ def test_gpt2_export_to_hf(tmp_path: Path, gpt2_cfg: GPT2Config, pad_multiple: i
 def test_gpt2_import_from_hf(tmp_path: Path, gpt2_cfg: GPT2Config) -> None:
     hf = _hf_gpt2(gpt2_cfg)
     hf.save_pretrained(tmp_path)
-    ours = GPT2.from_hf(tmp_path).eval()
+    ours = load_gpt2_hf(tmp_path).eval()
     assert ours.lm_head.weight is ours.transformer.wte.weight
     x = torch.randint(0, 97, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
-    padded = GPT2.from_hf(tmp_path, pad_vocab_to_multiple=128)
+    padded = load_gpt2_hf(tmp_path, pad_vocab_to_multiple=128)
     torch.testing.assert_close(padded(x), ours(x), atol=1e-6, rtol=0)
 
 
@@ -85,7 +93,7 @@ def test_t5_export_to_hf(tmp_path: Path, t5_cfg: EncDecConfig, pad_multiple: int
         for n, p in ours.named_parameters():
             if "ln" in n:
                 p.add_(torch.randn_like(p) * 0.1)
-    ours.save_hf(tmp_path)
+    save_encdec_hf(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == 100
     hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert hf.lm_head.weight.data_ptr() != hf.shared.weight.data_ptr()  # stays untied
@@ -93,7 +101,7 @@ def test_t5_export_to_hf(tmp_path: Path, t5_cfg: EncDecConfig, pad_multiple: int
     with torch.no_grad():
         ref = hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
         torch.testing.assert_close(ref, ours(src, tgt, attention_mask=mask), atol=ATOL, rtol=0)
-    back = EncoderDecoder.from_hf(tmp_path)
+    back = load_encdec_hf(tmp_path)
     assert back.config == cfg
     torch.testing.assert_close(back(src, tgt, attention_mask=mask),
                                ours(src, tgt, attention_mask=mask), atol=1e-6, rtol=0)
@@ -103,7 +111,7 @@ def test_t5_export_to_hf(tmp_path: Path, t5_cfg: EncDecConfig, pad_multiple: int
 def test_t5_import_from_hf(tmp_path: Path, t5_cfg: EncDecConfig, tie: bool) -> None:
     hf = _hf_t5(t5_cfg, tie)
     hf.save_pretrained(tmp_path)
-    ours = EncoderDecoder.from_hf(tmp_path).eval()
+    ours = load_encdec_hf(tmp_path).eval()
     assert ours.config.total_vocab_size == 100 and ours.config.n_sentinels == 0
     src, mask, tgt = _t5_inputs()
     with torch.no_grad():

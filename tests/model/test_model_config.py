@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from model import EncDecConfig, GPT2Config, is_sentinel, sentinel_id, sentinel_ids
+from zeroforge.model import EncDecConfig, GPT2Config, is_sentinel, sentinel_id, sentinel_ids
 
 
 def test_gpt2_presets_and_padding() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from pipeline import checkpoint as ckpt
+from zeroforge.pipeline.training import checkpoint as ckpt
+from zeroforge.pipeline.training.config import CheckpointConfig
 
 
 def _tag(root, step, commit=True):
@@ -40,14 +40,6 @@ def test_prune_keeps_last_k_and_drops_stale_partials(tmp_path):
     assert [s for s, _ in ckpt.partial(tmp_path)] == [9]
 
 
-def test_atomic_write_replaces(tmp_path):
-    p = tmp_path / "latest"
-    ckpt._atomic_write(p, b"step_00000001")
-    ckpt._atomic_write(p, b"step_00000002")
-    assert p.read_text() == "step_00000002"
-    assert [x.name for x in tmp_path.iterdir()] == ["latest"]
-
-
 def test_check_compatible_refuses_changed_model_or_store():
     saved = {"format_version": ckpt.FORMAT_VERSION, "model_config": {"n_layer": 2, "n_embd": 64},
              "store_fingerprint": "abc"}
@@ -59,8 +51,8 @@ def test_check_compatible_refuses_changed_model_or_store():
 
 
 def test_config_validation():
-    assert ckpt.CheckpointConfig().validate() == []
-    msgs = "\n".join(ckpt.CheckpointConfig(every=-1, keep_last=0).validate())
+    assert CheckpointConfig().problems() == []
+    msgs = "\n".join(CheckpointConfig(every=-1, keep_last=0).problems())
     assert "checkpoint.every" in msgs and "checkpoint.keep_last" in msgs
-    assert ckpt.CheckpointConfig().path("/r").as_posix() == "/r/checkpoints"
-    assert ckpt.CheckpointConfig(dir="/c").path("/r").as_posix() == "/c"
+    assert CheckpointConfig().path("/r").as_posix() == "/r/checkpoints"
+    assert CheckpointConfig(dir="/c").path("/r").as_posix() == "/c"

@@ -6,16 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from pipeline.config import (
-    CONFIG_DIR,
+from zeroforge.pipeline.config import (
+    SHIPPED as CONFIG_DIR,
+)
+from zeroforge.pipeline.config import (
     apply_overrides,
     build_run_config,
     load_run_config,
 )
-from pipeline.engine import merge_ds_config
+from zeroforge.pipeline.training.ds_config import Device
 
-SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+SHIPPED = sorted(Path(str(p)) for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def merge_ds_config(cfg, world_size: int, cpu: bool) -> dict:
+    return cfg.ds_config(world_size, Device(cpu=cpu))
 REQUIRED = {"gpt2-tiny-cpu", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "t5-tiny-cpu",
             "t5-base"}
 
@@ -27,7 +32,7 @@ def test_required_recipes_are_shipped():
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_config_parses_and_merges(path: Path):
     cfg = load_run_config(str(path))
-    cfg.model_config()  # the model section builds
+    cfg.build_model_config()  # the model section builds
     ds = merge_ds_config(cfg, world_size=8, cpu=False)
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 8
     assert "auto" not in str(ds)
@@ -41,7 +46,7 @@ def test_overrides_and_required_keys():
                                             "model.n_layer=3", "optim.betas=[0.8, 0.9]"])
     assert (cfg.train.max_steps, cfg.train.seed, cfg.checkpoint.every) == (7, 3, 2)
     assert (cfg.run_dir, cfg.tracking.backend, cfg.data.store) == ("/tmp/x", "none", "/s")
-    assert cfg.model_config().n_layer == 3 and cfg.optim.betas == [0.8, 0.9]
+    assert cfg.build_model_config().n_layer == 3 and cfg.optim.betas == [0.8, 0.9]
 
 
 def test_unknown_keys_and_wrong_types_are_all_named():

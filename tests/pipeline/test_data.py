@@ -1,4 +1,4 @@
-"""pipeline/data.py against real token stores built with data_prep.build_store (no mocks)."""
+"""pipeline/data/ against real token stores built with data_prep.build_store (no mocks)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import threading
 import numpy as np
 import pytest
 import torch
+from zeroforge.data_prep.build import PrepOptions, build_store
+from zeroforge.data_prep.sources import SourceOptions
+from zeroforge.data_prep.store import TokenStore
+from zeroforge.pipeline.data.config import DataConfig
+from zeroforge.pipeline.data.eval_set import eval_batches
+from zeroforge.pipeline.data.loader import TrainLoader
+from zeroforge.pipeline.data.order import FeistelPermutation, GlobalOrder, mixture_counts
+from zeroforge.pipeline.tasks.base import SpecialIds
+from zeroforge.pipeline.tasks.next_token import NextToken
 
-from data_prep.build import PrepOptions, build_store
-from data_prep.sources import SourceOptions
-from data_prep.store import TokenStore
-from pipeline.data import (
-    DataConfig,
-    FeistelPermutation,
-    GlobalOrder,
-    TrainLoader,
-    mixture_counts,
-    val_batches,
-)
+
+def gpt(cfg: DataConfig) -> NextToken:
+    return NextToken(cfg, SpecialIds(eos=50256))
 
 SEQ = 16  # small windows so an epoch is a few hundred samples
 
@@ -49,7 +50,7 @@ def stores(tmp_path_factory):
 
 def _loader(store, micro=2, accum=1, rank=0, world=1, seed=0, state=None, **cfg):
     cfg = DataConfig(store=store, seq_len=SEQ, **cfg) if isinstance(store, str) else cfg["cfg"]
-    return TrainLoader(cfg, "gpt", micro, accum, rank, world, seed=seed, state=state)
+    return TrainLoader(gpt(cfg), micro, accum, rank, world, seed=seed, state=state)
 
 
 def _take(loader, n_micro):
@@ -107,7 +108,7 @@ def test_global_order_spreads_a_mixture_over_the_batch():
 
 
 def test_config_validate_collects_every_problem():
-    assert DataConfig(store="x").validate() == []
+    assert DataConfig(store="x").problems() == []
     problems = DataConfig(
         store="x",
         mixture=[{"store": "y", "weight": -1, "extra": 1}],
@@ -116,7 +117,7 @@ def test_config_validate_collects_every_problem():
         noise_density=1.5,
         mean_span_length=0.5,
         val_windows=-1,
-    ).validate()
+    ).problems()
     text = "\n".join(problems)
     for key in [
         "data.store or data.mixture",
@@ -129,14 +130,14 @@ def test_config_validate_collects_every_problem():
         "data.val_windows",
     ]:
         assert key in text
-    assert DataConfig().validate() == [
+    assert DataConfig().problems() == [
         "data.store or data.mixture must be set (exactly one of them)"
     ]
 
 
 def test_bad_store_path_names_the_key(tmp_path):
     with pytest.raises(ValueError, match="data.store: no token store"):
-        TrainLoader(DataConfig(store=str(tmp_path / "nope")), "gpt", 1, 1, 0, 1, seed=0)
+        TrainLoader(gpt(DataConfig(store=str(tmp_path / "nope"))), 1, 1, 0, 1, seed=0)
     with pytest.raises(ValueError, match=r"data.mixture\[1\].store: no token store"):
         cfg = DataConfig(
             mixture=[
@@ -144,7 +145,7 @@ def test_bad_store_path_names_the_key(tmp_path):
                 {"store": str(tmp_path / "nope"), "weight": 1},
             ]
         )
-        TrainLoader(cfg, "gpt", 1, 1, 0, 1, seed=0)
+        TrainLoader(gpt(cfg), 1, 1, 0, 1, seed=0)
 
 
 # ------------------------------------------------------------------------- GPT order
@@ -267,7 +268,7 @@ def _mixture(stores, wa=0.75, wb=0.25):
 def test_mixture_counts_are_exact_per_global_batch(stores):
     cfg = _mixture(stores, 0.7, 0.3)
     split_b = TokenStore.open(stores["b"]).split("train")
-    with TrainLoader(cfg, "gpt", 5, 2, 0, 1, seed=0) as ld:  # G = 10 -> 7 + 3
+    with TrainLoader(gpt(cfg), 5, 2, 0, 1, seed=0) as ld:  # G = 10 -> 7 + 3
         assert ld.order.counts == [7, 3]
         n_b = ld.order.windows_per_epoch[1]
         steps = n_b // 3 + 2  # store b wraps its epoch, store a does not
@@ -294,9 +295,9 @@ def test_mixture_counts_are_exact_per_global_batch(stores):
 
 def test_mixture_is_deterministic_and_resumable(stores):
     cfg = _mixture(stores)
-    with TrainLoader(cfg, "gpt", 2, 2, 0, 1, seed=5) as ld:
+    with TrainLoader(gpt(cfg), 2, 2, 0, 1, seed=5) as ld:
         full = _take(ld, 8)
-    with TrainLoader(cfg, "gpt", 2, 2, 0, 1, seed=5) as ld:
+    with TrainLoader(gpt(cfg), 2, 2, 0, 1, seed=5) as ld:
         assert all(
             torch.equal(a["input_ids"], b["input_ids"])
             for a, b in zip(full, _take(ld, 8), strict=True)
@@ -305,11 +306,9 @@ def test_mixture_is_deterministic_and_resumable(stores):
     assert state["samples"] == 4 * 4
     # world 2 -> 1 with the same global batch: same samples, same order
     with (
-        TrainLoader(
-            cfg, "gpt", 2, 1, 0, 2, seed=5, state={**state, "samples": 8, "epoch": 0}
+        TrainLoader(gpt(cfg), 2, 1, 0, 2, seed=5, state={**state, "samples": 8, "epoch": 0}
         ) as r0,
-        TrainLoader(
-            cfg, "gpt", 2, 1, 1, 2, seed=5, state={**state, "samples": 8, "epoch": 0}
+        TrainLoader(gpt(cfg), 2, 1, 1, 2, seed=5, state={**state, "samples": 8, "epoch": 0}
         ) as r1,
     ):
         for s in range(2):
@@ -319,12 +318,12 @@ def test_mixture_is_deterministic_and_resumable(stores):
                 joined, torch.cat([full[4 + 2 * s]["input_ids"], full[5 + 2 * s]["input_ids"]])
             )
     with pytest.raises(ValueError, match="global batch changed"):
-        TrainLoader(cfg, "gpt", 4, 2, 0, 1, seed=5, state=state)
+        TrainLoader(gpt(cfg), 4, 2, 0, 1, seed=5, state=state)
 
 
 def test_mixture_weight_too_small_is_an_error(stores):
     with pytest.raises(ValueError, match=r"data.mixture\[1\].weight is too small"):
-        TrainLoader(_mixture(stores, 0.99, 0.01), "gpt", 2, 1, 0, 1, seed=0)
+        TrainLoader(gpt(_mixture(stores, 0.99, 0.01)), 2, 1, 0, 1, seed=0)
 
 
 # ------------------------------------------------------------------------- validation
@@ -332,8 +331,8 @@ def test_mixture_weight_too_small_is_an_error(stores):
 
 def test_val_batches_are_fixed_and_independent_of_world(stores):
     cfg = DataConfig(store=stores["a"], seq_len=SEQ, val_windows=12)
-    once = val_batches(cfg, "gpt", 4, 0, 1)
-    again = val_batches(cfg, "gpt", 4, 0, 1)
+    once = eval_batches(gpt(cfg), 4, 0, 1)
+    again = eval_batches(gpt(cfg), 4, 0, 1)
     assert [b["sample_ids"].tolist() for b in once] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     for a, b in zip(once, again, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(
@@ -346,7 +345,7 @@ def test_val_batches_are_fixed_and_independent_of_world(stores):
         seen = {}
         counts = []
         for rank in range(world):
-            mine = val_batches(cfg, "gpt", 2, rank, world)
+            mine = eval_batches(gpt(cfg), 2, rank, world)
             counts.append(len(mine))
             for b in mine:
                 seen.update(
@@ -360,10 +359,10 @@ def test_val_batches_are_fixed_and_independent_of_world(stores):
 def test_val_batches_mixture_and_zero(stores):
     cfg = _mixture(stores)
     cfg.val_windows = 8
-    batches = val_batches(cfg, "gpt", 8, 0, 1)
+    batches = eval_batches(gpt(cfg), 8, 0, 1)
     assert len(batches) == 1 and batches[0]["input_ids"].shape == (8, SEQ)
     cfg.val_windows = 0
-    assert val_batches(cfg, "gpt", 8, 0, 1) == []
+    assert eval_batches(gpt(cfg), 8, 0, 1) == []
 
 
 # ------------------------------------------------------------------------- prefetch thread
@@ -395,4 +394,4 @@ def test_val_without_val_tokens_says_what_to_do(tmp_path):
     build_store([str(tmp_path / "one.txt")], tmp_path / "s", opts)
     cfg = DataConfig(store=str(tmp_path / "s"), seq_len=4)
     with pytest.raises(ValueError, match="data.val_windows: 0"):
-        val_batches(cfg, "gpt", 2, 0, 1)
+        eval_batches(gpt(cfg), 2, 0, 1)

@@ -9,16 +9,8 @@ import signal
 import numpy as np
 import pytest
 import torch
-
-from pipeline.dist import (
-    PreemptionFlag,
-    discover,
-    export_torch_env,
-    first_slurm_host,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from zeroforge.pipeline.dist import PreemptionFlag, discover, export_torch_env, first_slurm_host
+from zeroforge.pipeline.training.process import rng_state, seed_everything, set_rng_state
 
 
 def test_single_process():

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from model import GPT2, EncDecConfig, EncoderDecoder, GPT2Config
-from pipeline.optim import OptimConfig, lr_at, param_groups
+from zeroforge.model import GPT2, EncDecConfig, EncoderDecoder, GPT2Config
+from zeroforge.pipeline.training.optim import OptimConfig, lr_at, param_groups
 
 
 def test_warmup_then_cosine_to_floor():
@@ -34,7 +33,7 @@ def test_linear_and_constant_and_decay_steps():
 
 def test_validate_names_keys():
     bad = OptimConfig(lr=0, schedule="exp", betas=[0.9], grad_clip=-1)
-    msgs = "\n".join(bad.validate())
+    msgs = "\n".join(bad.problems())
     for key in ("optim.lr", "optim.schedule", "optim.betas", "optim.grad_clip"):
         assert key in msgs
 

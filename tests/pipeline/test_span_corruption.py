@@ -8,13 +8,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from data_prep.build import PrepOptions, build_store
-from data_prep.sources import SourceOptions
-from data_prep.store import TokenStore
-from model.sentinels import sentinel_ids as model_sentinel_ids
-from pipeline.data import DataConfig, TrainLoader, val_batches
-from pipeline.span_corruption import (
+from zeroforge.data_prep.build import PrepOptions, build_store
+from zeroforge.data_prep.sources import SourceOptions
+from zeroforge.data_prep.store import TokenStore
+from zeroforge.model.sentinels import sentinel_ids as model_sentinel_ids
+from zeroforge.pipeline.data.config import DataConfig
+from zeroforge.pipeline.data.eval_set import eval_batches
+from zeroforge.pipeline.data.loader import TrainLoader
+from zeroforge.pipeline.tasks.base import SpecialIds
+from zeroforge.pipeline.tasks.span_corruption import (
+    SpanCorruption,
     corrupt,
     corrupted_lengths,
     example_rng,
@@ -123,20 +126,14 @@ def store(tmp_path_factory):
     return str(root / "s")
 
 
+def t5(cfg: DataConfig, sentinels=SENTINELS) -> SpanCorruption:
+    return SpanCorruption(cfg, SpecialIds(eos=EOT, pad=PAD, decoder_start=PAD,
+                                          sentinels=tuple(sentinels)))
+
+
 def _t5(store, micro=2, accum=1, rank=0, world=1, state=None):
     cfg = DataConfig(store=store, seq_len=32)
-    return TrainLoader(
-        cfg,
-        "t5",
-        micro,
-        accum,
-        rank,
-        world,
-        seed=11,
-        sentinel_ids=SENTINELS,
-        pad_id=PAD,
-        state=state,
-    )
+    return TrainLoader(t5(cfg), micro, accum, rank, world, seed=11, state=state)
 
 
 def test_t5_batches_from_store(store):
@@ -183,12 +180,12 @@ def test_t5_resume(store):
 
 def test_t5_val_batches_fixed(store):
     cfg = DataConfig(store=store, seq_len=32, val_windows=6)
-    a = val_batches(cfg, "t5", 4, 0, 1, SENTINELS, PAD)
-    b = val_batches(cfg, "t5", 4, 0, 1, SENTINELS, PAD)
+    a = eval_batches(t5(cfg), 4, 0, 1)
+    b = eval_batches(t5(cfg), 4, 0, 1)
     assert [x["input_ids"].shape[0] for x in a] == [4, 2]
     for x, y in zip(a, b, strict=True):
         assert all(torch.equal(x[k], y[k]) for k in x)
-    halves = [val_batches(cfg, "t5", 4, r, 2, SENTINELS, PAD)[0] for r in range(2)]
+    halves = [eval_batches(t5(cfg), 4, r, 2)[0] for r in range(2)]
     rows = {
         int(i): lab for h in halves for i, lab in zip(h["sample_ids"], h["labels"], strict=True)
     }
@@ -199,6 +196,6 @@ def test_t5_val_batches_fixed(store):
 def test_t5_needs_enough_sentinels(store):
     cfg = DataConfig(store=store, seq_len=512)
     with pytest.raises(ValueError, match="only 10 sentinels"):
-        TrainLoader(cfg, "t5", 1, 1, 0, 1, seed=0, sentinel_ids=SENTINELS[:10], pad_id=PAD)
-    with pytest.raises(ValueError, match="sentinel_ids and pad_id"):
-        TrainLoader(cfg, "t5", 1, 1, 0, 1, seed=0)
+        TrainLoader(t5(cfg, SENTINELS[:10]), 1, 1, 0, 1, seed=0)
+    with pytest.raises(ValueError, match="needs a model with eos_token_id"):
+        TrainLoader(SpanCorruption(cfg, SpecialIds(eos=None)), 1, 1, 0, 1, seed=0)

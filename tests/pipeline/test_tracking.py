@@ -13,21 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from zeroforge.pipeline.config import build_run_config
+from zeroforge.pipeline.tracking.base import TrackingConfig
+from zeroforge.pipeline.tracking.metrics_file import read_metrics as read_metrics_jsonl
+from zeroforge.pipeline.tracking.mlflow_tracker import MAX_KEY_LEN, MAX_PARAM_VALUE_LEN
+from zeroforge.pipeline.tracking.params import default_tags, flatten, git_commit, run_params
+from zeroforge.pipeline.tracking.plots import loss_series, render_loss_curve
+from zeroforge.pipeline.tracking.tracker import make_tracker, tracking_status
 
-from pipeline.plots import loss_series, read_metrics_jsonl, render_loss_curve
-from pipeline.tracking import (
-    MAX_KEY_LEN,
-    MAX_PARAM_VALUE_LEN,
-    RunKilled,
-    TrackingConfig,
-    default_tags,
-    flatten,
-    git_commit,
-    make_tracker,
-    run_params,
-    run_status_for,
-    tracking_status,
-)
 from tests.helpers.mlflow_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,23 +57,22 @@ def write_metrics_jsonl(path: Path, n_steps: int, eval_every: int) -> None:
 
 
 def test_validate_names_each_bad_key():
-    cfg = TrackingConfig(
-        backend="wandb", experiment=" ", run_name="", tracking_uri="", system_metrics="yes"
-    )
-    problems = cfg.validate()
+    cfg = TrackingConfig(backend="wandb", experiment=" ", run_name="", tracking_uri="")
+    problems = cfg.problems()
     assert problems[0] == "tracking.backend must be one of mlflow, none (got 'wandb')"
-    for key in ("experiment", "run_name", "tracking_uri", "system_metrics"):
+    for key in ("experiment", "run_name", "tracking_uri"):
         assert any(p.startswith(f"tracking.{key} ") for p in problems), key
-    assert TrackingConfig().validate() == []
+    assert TrackingConfig().problems() == []
+    with pytest.raises(ValueError, match="tracking.system_metrics: expected true/false, got str"):
+        build_run_config({"data": {"store": "/s"}, "tracking": {"system_metrics": "yes"}})
     with pytest.raises(ValueError, match=r"tracking\.backend must be one of mlflow, none"):
         make_tracker(TrackingConfig(backend="wandb"), Path("unused"), rank=0)
 
 
 def test_flatten_dotted_keys_and_json_values():
-    from dataclasses import dataclass
+    from zeroforge.pipeline.section import Section
 
-    @dataclass
-    class Sub:
+    class Sub(Section):
         lr: float = 3e-4
         betas: tuple = (0.9, 0.95)
 
@@ -99,15 +91,6 @@ def test_flatten_dotted_keys_and_json_values():
         "train.seed": "1", "deepspeed.zero_optimization.stage": "2", "run.world_size": "2",
         "run.n_params": "1234", "run.store_fingerprint": "abc",
     }
-
-
-def test_run_status_for_exceptions():
-    assert run_status_for(None) == "FINISHED"
-    assert run_status_for(SystemExit(0)) == "FINISHED"
-    assert run_status_for(RunKilled(15)) == "KILLED"
-    assert run_status_for(KeyboardInterrupt()) == "KILLED"
-    assert run_status_for(SystemExit(3)) == "FAILED"
-    assert run_status_for(RuntimeError("x")) == "FAILED"
 
 
 def test_default_tags_without_and_with_git(tmp_path):
@@ -135,7 +118,8 @@ def test_noop_tracker_creates_nothing_and_never_imports_mlflow(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-from pipeline.tracking import Tracker, TrackingConfig, make_tracker, tracking_status
+from zeroforge.pipeline.tracking.base import Tracker, TrackingConfig
+from zeroforge.pipeline.tracking.tracker import make_tracker, tracking_status
 run_dir = Path({str(tmp_path / "run")!r})
 for tracker in (make_tracker(TrackingConfig(), run_dir, rank=1),
                 make_tracker(TrackingConfig(backend="none"), run_dir, rank=0)):
@@ -245,8 +229,7 @@ def test_params_metrics_tags_artifacts_land(mlflow_server, tmp_path):
 
 @pytest.mark.parametrize(
     ("exc", "status"),
-    [(None, "FINISHED"), (ValueError("boom"), "FAILED"), (RunKilled(15), "KILLED"),
-     (KeyboardInterrupt(), "KILLED")],
+    [(None, "FINISHED"), (ValueError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")],
 )
 def test_tracking_status_sets_run_status(mlflow_server, tmp_path, exc, status):
     tracker = make_tracker(server_cfg(mlflow_server, experiment="status"), tmp_path, rank=0)
@@ -264,11 +247,11 @@ def test_resume_continues_same_run_with_continuous_steps(mlflow_server, tmp_path
     cfg = server_cfg(mlflow_server, experiment="resume")
     client = client_for(mlflow_server.uri)
     first = make_tracker(cfg, tmp_path, rank=0)
-    with pytest.raises(RunKilled), tracking_status(first):
+    with pytest.raises(KeyboardInterrupt), tracking_status(first):
         first.log_params({"train": {"max_steps": 5, "seed": 1}})
         for step in range(1, 6):
             first.log_metrics({"train/loss": 1.0 / step}, step=step)
-        raise RunKilled(15)  # preempted after saving a checkpoint
+        raise KeyboardInterrupt  # stopped on request after saving a checkpoint
     assert client.get_run(first.run_id).info.status == "KILLED"
 
     second = make_tracker(cfg, tmp_path, rank=0, resume_run_id=first.run_id)

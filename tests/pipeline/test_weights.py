@@ -9,9 +9,8 @@ import json
 
 import pytest
 import torch
-
-from model import GPT2, EncDecConfig, EncoderDecoder, GPT2Config
-from pipeline.weights import init_from, resolve_checkpoint
+from zeroforge.model import GPT2, EncDecConfig, EncoderDecoder, GPT2Config, save_gpt2_hf
+from zeroforge.pipeline.results.weights import init_from, resolve_checkpoint
 
 
 def _commit(root, step, committed=True):
@@ -65,7 +64,7 @@ def _gpt(**kw) -> GPT2:
 
 def test_init_from_hf_dir_repads_vocab_and_ignores_dropout(tmp_path):
     src = _gpt()
-    src.save_hf(tmp_path / "hf")
+    save_gpt2_hf(src, tmp_path / "hf")
     dst = _gpt(dropout=0.1, pad_vocab_to_multiple=64, init_std=0.5)  # other init, padding
     assert dst.transformer.wte.weight.shape[0] == 320
     assert "weights from" in init_from(dst, tmp_path / "hf", "gpt2")
@@ -77,7 +76,7 @@ def test_init_from_hf_dir_repads_vocab_and_ignores_dropout(tmp_path):
 
 def test_init_from_refuses_other_architecture_and_tokenizer(tmp_path):
     src = _gpt()
-    src.save_hf(tmp_path / "hf")
+    save_gpt2_hf(src, tmp_path / "hf")
     with pytest.raises(ValueError, match=r"init_from: .*model\.n_layer: 1 in .*, 2 here"):
         init_from(_gpt(n_layer=2), tmp_path / "hf", "gpt2")
     (tmp_path / "hf" / "zeroforge_source.json").write_text(json.dumps({"tokenizer": "gpt2"}))
@@ -92,17 +91,21 @@ def test_init_from_refuses_other_architecture_and_tokenizer(tmp_path):
 
 
 def test_encdec_prompt_sentinels_round_trip():
-    from data_prep.tokenize import get_encoding
-    from pipeline.sample import decode, encode_prompt
+    from zeroforge.data_prep.tokenize import get_encoding
+    from zeroforge.pipeline.data.config import DataConfig
+    from zeroforge.pipeline.registry import make_task
+    from zeroforge.pipeline.results.sample import decode
 
     enc = get_encoding("gpt2")
     cfg = EncDecConfig.preset("t5-tiny")  # vocab 50257 + 100 sentinels
-    ids = encode_prompt("To be, or <extra_id_0> to be<extra_id_1>", enc, cfg, True)
+    span = make_task("t5", DataConfig(), cfg)
+    gpt = make_task("gpt", DataConfig(), GPT2Config.preset("gpt2-tiny"))
+    ids = span.prompt_ids("To be, or <extra_id_0> to be<extra_id_1>", enc)
     assert ids.count(50257) == 1 and ids[-1] == 50258
     assert decode(ids, enc, cfg) == "To be, or <extra_id_0> to be<extra_id_1>"
     # No marker: sentinel 0 is appended (the model fills in what follows).
-    assert encode_prompt("Hello", enc, cfg, True) == enc.encode_ordinary("Hello") + [50257]
+    assert span.prompt_ids("Hello", enc) == enc.encode_ordinary("Hello") + [50257]
     # Decoding stops at EOS; GPT prompts are plain text, an empty one starts at EOT.
     assert decode([50257, 40, 50256, 40], enc, cfg) == "<extra_id_0>I"
-    assert encode_prompt("", enc, GPT2Config.preset("gpt2-tiny"), False) == [50256]
-    assert encode_prompt("<|endoftext|>", enc, cfg, False) != [50256]
+    assert gpt.prompt_ids("", enc) == [50256]
+    assert gpt.prompt_ids("<|endoftext|>", enc) != [50256]

@@ -1,0 +1,1 @@
+"""Shipped run recipes (YAML) and the default DeepSpeed config, found through importlib.resources."""

@@ -1,0 +1,36 @@
+"""``zeroforge export``: a checkpoint as a Hugging Face ``transformers`` directory.
+
+    zeroforge export --checkpoint runs/gpt2-tiny-cpu --out exports/gpt2-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from zeroforge.launch.commands import stdout_to_stderr
+from zeroforge.pipeline.errors import EXIT_OK, ConfigError
+
+log = logging.getLogger("zeroforge.export")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="run dir (newest committed checkpoint) or a checkpoint dir")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it is not empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise ConfigError(f"--out {out} exists and is not an empty directory (pass --overwrite "
+                          "to write into it)")
+    with stdout_to_stderr():
+        from zeroforge.pipeline.results.export import export
+
+    tag_dir = export(args.checkpoint, out)
+    log.info("exported %s to %s", tag_dir, out)
+    return EXIT_OK

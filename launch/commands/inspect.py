@@ -1,0 +1,35 @@
+"""`zeroforge inspect STORE [--json]`: what a store holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from zeroforge.data_prep.store import StoreError, TokenStore, describe
+from zeroforge.pipeline.errors import EXIT_FAILED, reported_as
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="token store directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args) -> int:
+    with reported_as(EXIT_FAILED, StoreError):
+        store = TokenStore.open(args.store, check_shards=False)
+    info = describe(store)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    tok = info["tokenizer"]
+    print(f"store       {info['path']}  ({info['format']})")
+    print(f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  eot {tok['eot_id']}  dtype {info['dtype']}")
+    for name, c in info["splits"].items():
+        print(f"split       {name:<5}  {c['docs']:>12,} docs  {c['tokens']:>15,} tokens")
+    skipped = info["skipped"]
+    reasons = ", ".join(f"{k}: {v}" for k, v in skipped["by_reason"].items())
+    print(f"skipped     {skipped['total']:,} records" + (f"  ({reasons})" if reasons else ""))
+    if info["size_bytes"] is not None:
+        print(f"size        {info['size_bytes'] / 1e6:,.1f} MB on disk  (codec {info['layout']['codec']})")
+    print(f"fingerprint {info['fingerprint']}")
+    return 0

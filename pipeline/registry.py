@@ -1,0 +1,128 @@
+"""Model families and training tasks: the one place that knows which is which.
+
+A family names its config class, model class, the tasks it trains (the first is its default),
+how it generates, how it converts to and from Hugging Face, its FLOPs per example and its
+special ids. A task (pipeline/tasks/) names the windows it reads, its batches, its loss and its
+prompt format. Setup, data, evaluation, sampling, export and weight loading ask this module and
+never branch on the family themselves: adding a family or a task means a new entry here and the
+new code, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from zeroforge.model import (
+    GPT2,
+    EncDecConfig,
+    EncoderDecoder,
+    GPT2Config,
+    encdec_flops_per_token,
+    generate_encdec,
+    generate_gpt2,
+    gpt2_flops_per_token,
+    load_encdec_hf,
+    load_gpt2_hf,
+    save_encdec_hf,
+    save_gpt2_hf,
+    sentinel_ids,
+)
+from zeroforge.pipeline.data.config import DataConfig
+from zeroforge.pipeline.errors import ConfigError
+from zeroforge.pipeline.tasks.base import Layout, SpecialIds, Task
+from zeroforge.pipeline.tasks.next_token import NextToken
+from zeroforge.pipeline.tasks.span_corruption import SpanCorruption
+
+ModelConfig = GPT2Config | EncDecConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the run config's model.family
+    config_cls: type[Any]
+    model_cls: type[torch.nn.Module]
+    tasks: tuple[str, ...]  # the tasks it trains; the first is the default
+    hf_model_type: str  # config.json "model_type" of its Hugging Face export
+    generate: Callable[..., list[list[int]]]  # (model, prompts, max_new_tokens, Sampling)
+    save_hf: Callable[[Any, str | Path], None]
+    load_hf: Callable[..., Any]  # (path, **config overrides) -> model
+    # Training FLOPs of one example of the given layout (model/flops.py conventions).
+    flops_per_example: Callable[[Any, Layout], float]
+    special_ids: Callable[[Any], SpecialIds]
+
+    def build(self, config: ModelConfig) -> torch.nn.Module:
+        return self.model_cls(config)
+
+
+def _gpt2_flops(cfg: GPT2Config, layout: Layout) -> float:
+    return gpt2_flops_per_token(cfg, layout.input_len) * layout.input_len
+
+
+def _encdec_flops(cfg: EncDecConfig, layout: Layout) -> float:
+    # Per target token, as model/flops.py derives it; the encoder's work rides along.
+    return encdec_flops_per_token(cfg, layout.input_len, layout.target_len) * layout.target_len
+
+
+def _gpt2_special(cfg: GPT2Config) -> SpecialIds:
+    return SpecialIds(eos=cfg.eos_token_id, sentinels=tuple(sentinel_ids(cfg)))
+
+
+def _encdec_special(cfg: EncDecConfig) -> SpecialIds:
+    return SpecialIds(eos=cfg.eos_token_id, pad=cfg.pad_token_id,
+                      decoder_start=cfg.decoder_start_token_id, sentinels=tuple(sentinel_ids(cfg)))
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt",), "gpt2", generate_gpt2, save_gpt2_hf,
+                   load_gpt2_hf, _gpt2_flops, _gpt2_special),
+    "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5",), "t5", generate_encdec,
+                     save_encdec_hf, load_encdec_hf, _encdec_flops, _encdec_special),
+}
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NextToken, SpanCorruption)}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family: must be one of {sorted(FAMILIES)}, got {name!r}")
+    return FAMILIES[name]
+
+
+def family_of(config: ModelConfig) -> Family:
+    """The family whose config class ``config`` is."""
+    for fam in FAMILIES.values():
+        if type(config) is fam.config_cls:
+            return fam
+    raise TypeError(f"no model family has config class {type(config).__name__}")
+
+
+def family_of_hf(model_type: str | None, where: str) -> Family:
+    """The family that reads a Hugging Face directory of ``model_type``."""
+    for fam in FAMILIES.values():
+        if fam.hf_model_type == model_type:
+            return fam
+    raise ConfigError(f"{where}: Hugging Face model_type {model_type!r} is not one of "
+                      f"{sorted(f.hf_model_type for f in FAMILIES.values())}")
+
+
+def task_name(family_name: str, requested: str | None) -> str:
+    """The task a run of ``family_name`` trains: ``requested`` (the run config's ``task``) if the
+    family trains it, else the family's default; raises ConfigError naming ``task``."""
+    fam = family(family_name)
+    if requested is None:
+        return fam.tasks[0]
+    if requested not in TASKS:
+        raise ConfigError(f"task: must be one of {sorted(TASKS)}, got {requested!r}")
+    if requested not in fam.tasks:
+        raise ConfigError(f"task: model.family {fam.name} trains {', '.join(fam.tasks)}, "
+                          f"not {requested}")
+    return requested
+
+
+def make_task(name: str, data: DataConfig, model_config: ModelConfig) -> Task:
+    """Task ``name`` bound to ``data`` and the special ids of ``model_config``'s family."""
+    return TASKS[name](data, family_of(model_config).special_ids(model_config))

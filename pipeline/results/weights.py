@@ -1,0 +1,285 @@
+"""Model weights out of a training checkpoint, in one process, without a DeepSpeed engine.
+
+``zeroforge sample``, ``zeroforge export``, single-process ``zeroforge eval`` and ``init_from``
+all start here. A checkpoint is named by any of
+
+    <run_dir>                               the newest committed checkpoint of the run
+    <run_dir>/checkpoints                   the same (any ``checkpoint.dir``)
+    <run_dir>/checkpoints/step_00000020     that checkpoint (it must be committed)
+
+The weights are fp32 whatever the training precision or ZeRO stage: stage 1-3 checkpoints are
+consolidated from the optimizer's fp32 master partitions with DeepSpeed's own
+``zero_to_fp32`` (CPU only, any number of shards; ZeRO-3 keeps no full weights anywhere else),
+stage 0 saves the whole module in ``mp_rank_00_model_states.pt``. The model config, the run
+config and the tokenizer come from the client state that training saves with every checkpoint
+(training/loop.py), so nothing else has to travel with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from zeroforge.data_prep.store import StoreError, TokenStore
+from zeroforge.pipeline import registry
+from zeroforge.pipeline.errors import ConfigError, ZeroforgeError
+from zeroforge.pipeline.registry import ModelConfig
+from zeroforge.pipeline.training import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ZeroforgeError, ValueError):
+    """A checkpoint that is missing, uncommitted or unreadable (exit code 1)."""
+# Written by ``zeroforge export`` beside HF's config.json: where the weights came from.
+EXPORT_SOURCE = "zeroforge_source.json"
+# Model-config fields that do not change the parameters' shapes or meaning: a fine-tuning run
+# (``init_from``) may set them differently from the run it starts from.
+_FREE_FIELDS = frozenset({"dropout", "activation_checkpointing", "init_std",
+                          "pad_vocab_to_multiple"})
+
+
+@dataclass
+class CheckpointInfo:
+    """What a committed checkpoint says about itself (from its client state)."""
+
+    tag_dir: Path
+    step: int
+    family: registry.Family
+    model_config: ModelConfig
+    tokenizer: str | None  # None: neither the checkpoint nor its token store says
+    store_fingerprint: str | None
+    zero_stage: int
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.tag_dir), "step": self.step, "family": self.family.name,
+                "tokenizer": self.tokenizer, "store_fingerprint": self.store_fingerprint,
+                "zero_stage": self.zero_stage}
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def _ckpt_root_of_run(run_dir: Path) -> Path:
+    """A run directory's checkpoint root: ``checkpoint.dir`` of its resolved config, if set."""
+    resolved = run_dir / "config.yaml"
+    if resolved.is_file():
+        data = yaml.safe_load(resolved.read_text()) or {}
+        custom = (data.get("checkpoint") or {}).get("dir")
+        if custom:
+            return Path(custom)
+    return run_dir / "checkpoints"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The committed tag directory that ``path`` names (see the module docstring).
+
+    Raises CheckpointError (naming the path) when there is no such directory, the tag was never
+    committed (an interrupted save), or a run has no committed checkpoint yet.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such checkpoint or run directory")
+    if ckpt.step_of_tag(p.name) is not None:
+        if not (p / ckpt.MARKER).is_file():
+            raise CheckpointError(f"{p}: checkpoint is not committed (no {ckpt.MARKER} marker: the "
+                             "save was interrupted); use an earlier tag")
+        return p
+    roots = [p, _ckpt_root_of_run(p)]  # a checkpoint root itself, or a run directory
+    for root in roots:
+        latest = ckpt.latest_committed(root)
+        if latest is not None:
+            return root / latest[1]
+    raise CheckpointError(f"{p}: no committed checkpoint (looked in {p} and {roots[1]})")
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    """Rank 0's model-states file: it holds the client state at every ZeRO stage."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise CheckpointError(f"{tag_dir}: no DeepSpeed model-states file (mp_rank_00_model_states.pt); "
+                     "not a zeroforge checkpoint?")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _tokenizer_of(client: dict[str, Any]) -> str | None:
+    """The tokenizer the weights were trained with: client state, else the run's token store."""
+    if client.get("tokenizer"):
+        return str(client["tokenizer"])
+    data = (client.get("run_config") or {}).get("data") or {}
+    paths = [data.get("store")] if data.get("store") else \
+        [e.get("store") for e in data.get("mixture") or [] if isinstance(e, dict)]
+    for store in paths:
+        if store and ("://" in store or Path(store).exists()):
+            try:
+                return TokenStore.open(store).tokenizer
+            except StoreError as e:
+                log.warning("cannot read the tokenizer from %s: %s", store, e)
+    return None
+
+
+def _family_of(client: dict[str, Any], model_config: dict[str, Any]) -> registry.Family:
+    """The family the run config names; for checkpoints whose run config lacks it, the family
+    whose config class has exactly the saved fields."""
+    name = ((client.get("run_config") or {}).get("model") or {}).get("family")
+    if name in registry.FAMILIES:
+        return registry.FAMILIES[name]
+    for family in registry.FAMILIES.values():
+        if {f.name for f in dataclasses.fields(family.config_cls)} == set(model_config):
+            return family
+    raise ConfigError(f"the checkpoint's model config fits no model family: {sorted(model_config)}")
+
+
+def _zero_stage(states: dict[str, Any], tag_dir: Path) -> int:
+    stage = ((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
+    if isinstance(stage, int):
+        return stage
+    return 1 if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")) else 0
+
+
+def _consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from the ZeRO 1-3 partitions of all ranks (CPU, this process only)."""
+    chatter = io.StringIO()
+    # zero_to_fp32 reports progress with print() and tqdm bars; keep stdout clean for --json
+    # consumers and stderr for our own messages (its errors still raise).
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
+    return dict(state)
+
+
+def read_checkpoint(path: str | Path, weights: bool = True
+                    ) -> tuple[CheckpointInfo, dict[str, torch.Tensor] | None]:
+    """(info, fp32 state dict of the model) of the committed checkpoint ``path`` names.
+
+    ``weights=False`` skips the consolidation and returns ``None`` for the state dict.
+    """
+    tag_dir = resolve_checkpoint(path)
+    marker = json.loads((tag_dir / ckpt.MARKER).read_text())
+    # Our own files: the client state holds plain Python objects, so weights_only cannot be used.
+    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    model_dict = states.get("model_config") or marker.get("model_config")
+    if not isinstance(model_dict, dict):
+        raise CheckpointError(f"{tag_dir}: the checkpoint records no model config")
+    family = _family_of(states, model_dict)
+    info = CheckpointInfo(
+        tag_dir=tag_dir, step=int(states.get("step", marker.get("step", 0))), family=family,
+        model_config=family.config_cls.from_dict(model_dict), tokenizer=_tokenizer_of(states),
+        store_fingerprint=states.get("store_fingerprint") or marker.get("store_fingerprint"),
+        zero_stage=_zero_stage(states, tag_dir), run_config=states.get("run_config") or {})
+    if not weights:
+        return info, None
+    if info.zero_stage >= 1:
+        state = _consolidate(tag_dir)
+    else:
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in states["module"].items()}
+    return info, state
+
+
+def load_model(path: str | Path, device: str = "cpu"
+               ) -> tuple[torch.nn.Module, CheckpointInfo]:
+    """The checkpoint's model with its fp32 weights, in eval mode, on ``device``."""
+    info, state = read_checkpoint(path)
+    assert state is not None
+    model = info.family.build(info.model_config)
+    _load_strict(model, state, str(info.tag_dir))
+    return model.to(device).eval(), info
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{where}: weights do not fit the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, other shape {shapes[:5]})")
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / ckpt.MARKER).is_file()
+
+
+def pretrained_weights(source: str | Path
+                       ) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    """(model config, fp32 state dict, tokenizer or None) of a checkpoint or HF directory."""
+    p = Path(source)
+    if p.is_dir() and is_hf_dir(p):
+        hf = json.loads((p / "config.json").read_text())
+        model = registry.family_of_hf(hf.get("model_type"), str(p)).load_hf(p)
+        tokenizer = None
+        if (p / EXPORT_SOURCE).is_file():
+            tokenizer = json.loads((p / EXPORT_SOURCE).read_text()).get("tokenizer")
+        return model.config, {k: v.float() for k, v in model.state_dict().items()}, tokenizer
+    info, state = read_checkpoint(p)
+    assert state is not None
+    return info.model_config, state, info.tokenizer
+
+
+def _fit_vocab_rows(value: torch.Tensor, want: torch.Size, meaningful: int
+                    ) -> torch.Tensor | None:
+    """A vocabulary table re-padded to ``want`` rows (only the padding differs), else None."""
+    if value.dim() != 2 or value.shape[1:] != want[1:] or min(value.shape[0], want[0]) < meaningful:
+        return None
+    out = value.new_zeros(want)
+    out[:meaningful] = value[:meaningful]
+    return out
+
+
+def init_from(model: torch.nn.Module, source: str | Path, store_tokenizer: str) -> str:
+    """Copy the weights of ``source`` (checkpoint or HF directory) into ``model`` before training.
+
+    The architecture must match (fields that change no shape, such as dropout, may differ;
+    vocabulary padding is re-done), and so must the tokenizer when the source records one.
+    Raises ConfigError naming ``init_from``; returns a one-line description for the log.
+    """
+    try:
+        src_config, state, tokenizer = pretrained_weights(source)
+    except ValueError as e:  # CheckpointError, or a HF directory that does not fit
+        raise ConfigError(f"init_from: {e}") from None
+    ours = model.config.to_dict()  # type: ignore[union-attr]
+    theirs = src_config.to_dict()
+    problems = []
+    if type(src_config) is not type(model.config):
+        problems.append(f"{source} holds a {type(src_config).__name__} model, the run "
+                        f"trains a {type(model.config).__name__}")
+    else:
+        problems += [f"model.{k}: {theirs.get(k)!r} in {source}, {ours.get(k)!r} here"
+                     for k in sorted(set(ours) | set(theirs))
+                     if k not in _FREE_FIELDS and ours.get(k) != theirs.get(k)]
+    if tokenizer is not None and tokenizer != store_tokenizer:
+        problems.append(f"{source} was trained with tokenizer {tokenizer!r}, the token store "
+                        f"uses {store_tokenizer!r}")
+    if problems:
+        raise ConfigError("init_from: the weights do not fit this run: " + "; ".join(problems))
+    own = model.state_dict()
+    meaningful = model.config.total_vocab_size  # type: ignore[union-attr]
+    for k, v in list(state.items()):
+        if k in own and own[k].shape != v.shape:
+            fitted = _fit_vocab_rows(v, own[k].shape, meaningful)
+            if fitted is not None:
+                state[k] = fitted
+    # load_state_dict copies into the existing tensors, so tied embeddings stay tied.
+    try:
+        _load_strict(model, state, f"init_from: {source}")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return f"weights from {source} (tokenizer {tokenizer or 'not recorded'})"

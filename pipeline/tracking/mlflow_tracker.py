@@ -1,0 +1,351 @@
+"""MLflow tracking through ``MlflowClient`` with explicit run ids.
+
+Where runs go (first match wins): ``tracking.tracking_uri``, ``$MLFLOW_TRACKING_URI``, else an
+embedded store inside the run directory (``<run_dir>/mlflow.db`` + ``<run_dir>/mlartifacts/``),
+so a run is tracked with no server and ``mlflow ui --backend-store-uri
+sqlite:///<run_dir>/mlflow.db`` shows it later.
+
+Rules the code follows, and why:
+- Only ``MlflowClient`` with explicit run ids, never the fluent ``mlflow.start_run`` stack:
+  several trackers can live in one process (tests, evaluation next to training).
+- After the run is open, tracking errors are logged as warnings and training goes on: losing a
+  few metric points is better than losing a multi-day run to a tracking-server hiccup. Opening
+  the run is different: a wrong URI fails at once with a message naming the setting.
+- MLflow params are immutable. A resumed run logs only the params it has not logged yet and
+  warns about (and keeps the first value of) any that changed.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Read by mlflow when it is imported, so set before the import below. setdefault: an explicit
+# user setting wins. Telemetry is off because training nodes are often offline and nothing here
+# may wait on the network; MLflow logs INFO chatter otherwise.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+import contextlib  # noqa: E402
+import getpass  # noqa: E402
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from zeroforge.pipeline.errors import ConfigError  # noqa: E402
+from zeroforge.pipeline.tracking.base import Tracker, TrackingConfig, check_status  # noqa: E402
+from zeroforge.pipeline.tracking.params import flatten  # noqa: E402
+from zeroforge.pipeline.tracking.plots import render_loss_curve  # noqa: E402
+
+logger = logging.getLogger(__name__)
+# The sqlite store's migrations (alembic) log INFO lines for every new store: same level.
+with contextlib.suppress(ValueError):
+    logging.getLogger("alembic").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+
+# MLflow's limits. Tag values may be 8000 chars on recent servers; 5000 is what every MLflow
+# 2.x server accepts, and the tracker may talk to an older server than the installed client.
+MAX_KEY_LEN = 250
+MAX_PARAM_VALUE_LEN = 6000
+MAX_TAG_VALUE_LEN = 5000
+LOSS_CURVE_DIR = "plots"  # artifact `plots/loss_curve.png`, overwritten at each eval
+# Characters MLflow accepts in param/metric/tag keys on every OS (colon is refused on Windows).
+_BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
+
+
+class MlflowTracker(Tracker):
+    """Logs to one MLflow run through `MlflowClient`; build it with `make_tracker`."""
+
+    def __init__(self, client: Any, tracking_uri: str, run_id: str, params: Mapping[str, str]):
+        self._client = client
+        self._uri = tracking_uri
+        self.run_id = run_id
+        self._params = dict(params)  # what the run already holds: MLflow refuses changes
+        self._finished = False
+        self._failures = 0
+        self._monitor: Any = None
+
+    @classmethod
+    def start(
+        cls,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        resume_run_id: str | None,
+        tags: dict[str, str],
+    ) -> MlflowTracker:
+        uri = resolve_tracking_uri(cfg, run_dir)
+        _prepare_store(uri)  # a wrong URI fails in milliseconds, before MLflow's retries
+        client = MlflowClient(tracking_uri=uri)
+        run = _reopen_run(client, resume_run_id) if resume_run_id else None
+        if run is None:
+            experiment_id = _experiment_id(client, cfg.experiment, _artifact_root(uri))
+            user = _user()
+            start_tags = {"mlflow.user": user} if user else {}
+            if resume_run_id:
+                start_tags["zeroforge.resumed_from_run_id"] = resume_run_id
+            run = client.create_run(
+                experiment_id, run_name=cfg.run_name or run_dir.resolve().name, tags=start_tags
+            )
+            resumed = False
+        else:
+            resumed = True
+            previous = run.data.tags.get("zeroforge.resumes", "0")
+            resumes = (int(previous) if previous.isdigit() else 0) + 1
+            tags = {**tags, "zeroforge.resumes": str(resumes)}
+        tracker = cls(client, uri, run.info.run_id, run.data.params if resumed else {})
+        tracker.set_tags(tags)
+        if cfg.system_metrics:
+            tracker._start_system_metrics(resumed)
+        logger.info(
+            "tracking: MLflow run %s (%s) at %s",
+            tracker.run_id, "resumed" if resumed else "new", _redact(uri),
+        )
+        return tracker
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        new, changed = [], []
+        for key, value in _unique_keys(flatten(params)).items():
+            value = _clip(value, MAX_PARAM_VALUE_LEN)
+            old = self._params.get(key)
+            if old is None:
+                self._params[key] = value
+                new.append(Param(key, value))
+            elif old != value:
+                changed.append(key)
+        if changed:
+            logger.warning(
+                "tracking: %d param(s) differ from the values run %s already holds and keep "
+                "their first value (MLflow params cannot change): %s",
+                len(changed), self.run_id, ", ".join(changed[:20]),
+            )
+        if new:
+            self._guard("log params", self._client.log_batch, self.run_id, params=new)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self._warn(f"metric {key!r} is not a number ({value!r}); skipped")
+                continue
+            # MLflow stores +-inf as +-1.8e308; NaN is kept (a diverged loss should show).
+            if math.isinf(number):
+                number = math.copysign(1.7976931348623157e308, number)
+            batch.append(Metric(_clean_key(key), number, timestamp, int(step)))
+        if batch:
+            self._guard("log metrics", self._client.log_batch, self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        log = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+        self._guard(f"log artifact {path}", log, self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._guard(f"log {artifact_file}", self._client.log_text, self.run_id, text, artifact_file)
+
+    def log_loss_curve(self, metrics_jsonl: Path, step: int) -> None:
+        with tempfile.TemporaryDirectory(prefix="zeroforge-plot-") as tmp:
+            png = Path(tmp) / "loss_curve.png"
+            if self._guard("render loss curve", render_loss_curve, Path(metrics_jsonl), png, step):
+                self._guard(
+                    "log loss curve", self._client.log_artifact, self.run_id, str(png),
+                    LOSS_CURVE_DIR,
+                )
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        batch = [
+            RunTag(key, _clip(str(value), MAX_TAG_VALUE_LEN))
+            for key, value in _unique_keys(tags).items()
+        ]
+        if batch:
+            self._guard("set tags", self._client.log_batch, self.run_id, tags=batch)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        check_status(status)
+        if self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            # Stop first: its last flush must reach the run while it is still RUNNING.
+            self._guard("stop system metrics", self._monitor.finish)
+            self._monitor = None
+        self._guard("end run", self._client.set_terminated, self.run_id, status)
+        logger.info("tracking: MLflow run %s ended %s", self.run_id, status)
+
+    def _start_system_metrics(self, resumed: bool) -> None:
+        if importlib.util.find_spec("psutil") is None:
+            logger.warning(
+                "tracking.system_metrics needs psutil (pip install psutil); system metrics off"
+            )
+            return
+        # Sampling interval: $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (default 10 s). On resume
+        # its step counter continues after the last system metric step of the run.
+        monitor = SystemMetricsMonitor(
+            self.run_id, resume_logging=resumed, tracking_uri=self._uri
+        )
+        monitor.start()
+        self._monitor = monitor
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- see the module docstring: training goes on
+            self._warn(f"{what} failed ({type(exc).__name__}: {_first_line(exc)})")
+            return None
+
+    def _warn(self, message: str) -> None:
+        # Warn for the first few failures, then every 100th, so an outage does not flood logs.
+        self._failures += 1
+        if self._failures <= 5 or self._failures % 100 == 0:
+            logger.warning("tracking: %s [failure %d; training continues]", message, self._failures)
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
+    """`tracking.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else sqlite inside `run_dir`."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return "sqlite:///" + str((Path(run_dir) / "mlflow.db").resolve())
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts next to a local sqlite store; MLflow's default would be ./mlruns in the cwd."""
+    db = _sqlite_path(uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
+
+
+def _prepare_store(uri: str) -> None:
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith(("http://", "https://")):
+        _check_reachable(uri)
+
+
+def _check_reachable(uri: str, timeout: float = 10.0) -> None:
+    # One quick probe: MLflow's own client retries with backoff for minutes before giving up.
+    # Any HTTP answer (even 401/404 from an auth proxy) means the server is there.
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"tracking.tracking_uri / MLFLOW_TRACKING_URI: cannot reach the MLflow server at "
+            f"{_redact(uri)} ({reason}); start it, fix the URI, or set tracking.backend=none"
+        ) from None
+
+
+def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root)
+        except MlflowException:
+            # Another job created it between our lookup and create.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"tracking.experiment: MLflow experiment {name!r} is deleted; restore it "
+            "(mlflow experiments restore) or choose another name"
+        )
+    return experiment.experiment_id
+
+
+def _reopen_run(client: Any, run_id: str) -> Any | None:
+    """The run `run_id`, set back to RUNNING; None (with a warning) if it cannot continue."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        logger.warning(
+            "tracking: cannot resume MLflow run %s (%s); starting a new run",
+            run_id, _first_line(exc),
+        )
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        logger.warning("tracking: MLflow run %s is deleted; starting a new run", run_id)
+        return None
+    # A KILLED/FAILED/FINISHED run can go back to RUNNING; metrics then continue its history.
+    client.update_run(run_id, status="RUNNING")
+    return client.get_run(run_id)
+
+
+# ---------------------------------------------------------------------------------------- keys
+
+
+def _clean_key(key: str) -> str:
+    """A key MLflow accepts: allowed characters, no `..`/leading slash, at most 250 chars."""
+    clean = _BAD_KEY_CHARS.sub("_", str(key))
+    clean = re.sub(r"/+", "/", clean).strip("/")
+    clean = "/".join(part if part not in (".", "..") else "_" for part in clean.split("/"))
+    clean = clean or "_"
+    if len(clean) > MAX_KEY_LEN:
+        # Keep the readable start; the hash keeps two long keys with a common start distinct.
+        clean = _with_digest(clean, clean)
+    return clean
+
+
+def _with_digest(clean: str, original: str) -> str:
+    digest = hashlib.sha1(original.encode()).hexdigest()[:10]
+    return f"{clean[:MAX_KEY_LEN - 11]}-{digest}"
+
+
+def _unique_keys(items: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys cleaned for MLflow; two keys that clean to the same string stay apart."""
+    out: dict[str, Any] = {}
+    for key, value in items.items():
+        clean = _clean_key(key)
+        if clean in out:
+            clean = _with_digest(clean, str(key))
+        out[clean] = value
+    return out
+
+
+def _clip(value: str, limit: int) -> str:
+    """`value` cut to `limit` chars, saying so; the full configs are logged as artifacts."""
+    if len(value) <= limit:
+        return value
+    marker = f"...[cut, {len(value)} chars in all]"
+    return value[: limit - len(marker)] + marker
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no passwd entry in some containers
+        return None
+
+
+def _redact(uri: str) -> str:
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,151 @@
+"""Everything before the first step: model, engine, data, tracker, and resume from the newest
+committed checkpoint (or ``init_from`` weights for a fresh run)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from zeroforge.data_prep.store import TokenStore
+from zeroforge.pipeline import registry
+from zeroforge.pipeline.config import RunConfig, dump_yaml
+from zeroforge.pipeline.data.eval_set import eval_batches
+from zeroforge.pipeline.data.loader import TrainLoader
+from zeroforge.pipeline.data.windows import open_stores, store_fingerprint
+from zeroforge.pipeline.dist import DistEnv
+from zeroforge.pipeline.errors import ConfigError
+from zeroforge.pipeline.results.weights import init_from
+from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
+from zeroforge.pipeline.tracking.params import run_params
+from zeroforge.pipeline.tracking.progress import Progress
+from zeroforge.pipeline.tracking.tracker import make_tracker
+from zeroforge.pipeline.training import checkpoint as ckpt
+from zeroforge.pipeline.training.ds_config import precision_of, zero_stage
+from zeroforge.pipeline.training.elastic import ResumePlan, plan_resume
+from zeroforge.pipeline.training.engine import (
+    build_engine,
+    deepspeed_skips_nonfinite,
+    detect_device,
+    require_tested_deepspeed,
+)
+from zeroforge.pipeline.training.process import seed_everything
+from zeroforge.pipeline.training.state import LoopState, Run
+
+log = logging.getLogger("zeroforge.train")
+
+
+def store_info(stores: list[TokenStore]) -> tuple[str, int, str]:
+    """(fingerprint, vocabulary size, tokenizer) of a run's stores."""
+    return store_fingerprint(stores), stores[0].vocab_size, stores[0].tokenizer
+
+
+def _all_gather_strings(value: str, world: int) -> list[str]:
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return [str(x) for x in out]
+
+
+def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
+    """Build model, engine, data and tracker; resume from the newest committed checkpoint."""
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = cfg.checkpoint.path(run_dir)
+    fingerprint, vocab, tokenizer = store_info(open_stores(cfg.data))
+    model_config = cfg.build_model_config()
+    if model_config.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
+                          f"token store's vocabulary ({vocab}, tokenizer {tokenizer})")
+    # A checkpoint from another world size: keep its global batch, load it re-partitioned.
+    plan = plan_resume(ckpt_dir, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                       d.world_size, d.rank)
+    cfg = plan.run_config(cfg)
+    ds = plan.ds_config(cfg.ds_config(d.world_size, detect_device()))
+    family = registry.family_of(model_config)
+    latest = ckpt.latest_committed(ckpt_dir)
+    engine, n_params = _build(cfg, d, ds, family, model_config, tokenizer,
+                              fresh=latest is None)
+    state, client = LoopState(), {}
+    if latest is not None:
+        state, client = _resume(cfg, d, engine, plan, ckpt_dir, latest, model_config, fingerprint)
+    elif d.rank == 0 and (partial := ckpt.partial(ckpt_dir)):
+        log.warning("ignoring incomplete checkpoint(s) %s; starting from step 0",
+                    [t for _, t in partial])
+
+    task = registry.make_task(cfg.task_name, cfg.data, model_config)
+    loader = TrainLoader(task, cfg.train.micro_batch_size, cfg.train.grad_accum, d.rank,
+                         d.world_size, cfg.train.seed, state=client.get("data"))
+    val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
+    hostnames = _all_gather_strings(socket.gethostname(), d.world_size)
+    tracker = make_tracker(cfg.tracking, run_dir, d.rank,
+                           resume_run_id=client.get("tracking_run_id"), hostnames=hostnames)
+    run = Run(cfg=cfg, dist=d, device=device, run_dir=run_dir, ckpt_dir=ckpt_dir, engine=engine,
+              model_config=model_config, family=family, task=task, ds_config=ds, loader=loader,
+              val=val, tracker=tracker, state=state, fingerprint=fingerprint, n_params=n_params,
+              flops_per_step=family.flops_per_example(model_config, task.layout)
+              * loader.global_batch, tokenizer=tokenizer)
+    if run.is_main:
+        _start_reporting(run)
+    return run
+
+
+def _build(cfg: RunConfig, d: DistEnv, ds: dict[str, Any], family: registry.Family,
+           model_config: registry.ModelConfig, tokenizer: str, fresh: bool) -> tuple[Any, int]:
+    """The DeepSpeed engine around a new model (``init_from`` weights for a fresh fine-tuning
+    run), and the model's parameter count."""
+    # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts them).
+    seed_everything(cfg.train.seed)
+    model = family.build(model_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.init_from and fresh:
+        # Pretrained weights, fresh optimizer, step 0; loaded into the plain module before
+        # DeepSpeed wraps (and, at ZeRO-3, partitions) it.
+        source = init_from(model, cfg.init_from, tokenizer)
+        if d.rank == 0:
+            log.info("init_from: %s; fresh optimizer, starting at step 0", source)
+    engine = build_engine(model, ds, cfg.optim, compile_model=cfg.train.compile)
+    if not deepspeed_skips_nonfinite(engine):
+        require_tested_deepspeed("skipping non-finite steps at ZeRO stage 0")
+    # Dropout and other randomness differ per rank from here on.
+    seed_everything(cfg.train.seed + 1000 * d.rank + 1)
+    return engine, n_params
+
+
+def _resume(cfg: RunConfig, d: DistEnv, engine: Any, plan: ResumePlan, ckpt_dir: Path,
+            latest: tuple[int, str], model_config: registry.ModelConfig, fingerprint: str
+            ) -> tuple[LoopState, dict[str, Any]]:
+    """Load the newest committed checkpoint; returns the loop state and the client state."""
+    step, tag = latest
+    if d.rank == 0:
+        log.info("resuming from %s", ckpt_dir / tag)
+    # Refuse a different model or store before DeepSpeed tries (and fails) to load it.
+    ckpt.check_compatible(ckpt.read_marker(ckpt_dir, tag), model_config.to_dict(), fingerprint,
+                          str(ckpt_dir / tag))
+    client = plan.load(engine, ckpt_dir, tag, d.rank)
+    state = LoopState.from_dict(client.get("loop", {}))
+    if state.step != step:
+        raise ckpt.ResumeError(f"{ckpt_dir / tag}: client state says step {state.step}")
+    if client.get("config_hash") != cfg.config_hash() and d.rank == 0:
+        log.warning("the run config changed since the checkpoint (model and data did not); "
+                    "continuing with the new config")
+    return state, client
+
+
+def _start_reporting(run: Run) -> None:
+    """Rank 0: resolved configs in the run dir, params and configs to the tracker, the metrics
+    file and the progress display."""
+    cfg, d, ds = run.cfg, run.dist, run.ds_config
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run.run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    run.tracker.log_params(run_params(cfg.to_dict(), ds, world_size=d.world_size,
+                                      n_params=run.n_params, store_fingerprint=run.fingerprint))
+    for name in ("config.yaml", "ds_config.json"):
+        run.tracker.log_artifact(run.run_dir / name, "config")
+    run.metrics = MetricsWriter(run.run_dir, run.state.step)
+    run.progress = Progress(run.state.step, cfg.train.max_steps)
+    log.info("model %s: %.2fM parameters, world size %d, ZeRO stage %d, %s, task %s, device %s",
+             cfg.model.family, run.n_params / 1e6, d.world_size, zero_stage(ds),
+             precision_of(ds), run.task.name, run.device)
