@@ -18,6 +18,7 @@ from .generate import Sampling, generate_encdec, generate_gpt2, sample_next
 from .gpt2 import GPT2
 from .hf import load_encdec_hf, load_gpt2_hf, save_encdec_hf, save_gpt2_hf
 from .layers import KVCache
+from .score import score_encdec, score_gpt2
 from .sentinels import is_sentinel, sentinel_id, sentinel_ids
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "load_gpt2_hf",
     "mfu",
     "sample_next",
+    "score_encdec",
+    "score_gpt2",
     "save_encdec_hf",
     "save_gpt2_hf",
     "sentinel_id",

@@ -164,6 +164,19 @@ class EncoderDecoder(nn.Module):
 
         With ``cache``, ``decoder_input_ids`` are the new tokens only; cross-attention K/V are
         computed from ``encoder_out`` on the first call and reused afterwards."""
+        return self.logits(self.decoder_hidden_states(
+            decoder_input_ids, encoder_out, encoder_attention_mask, decoder_attention_mask, cache))
+
+    def decoder_hidden_states(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_out: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The decoder's final norm output ``(B, T, d_model)`` (see ``decode``); ``logits``
+        turns it into logits."""
         dec, cfg = self.decoder, self.config
         T = decoder_input_ids.size(1)
         past = cache.seq_len if cache is not None else 0
@@ -192,11 +205,15 @@ class EncoderDecoder(nn.Module):
                                use_reentrant=False)
             else:
                 x = block(x, self_bias, encoder_out, cross_bias, cache)
-        x = dec.drop(dec.ln_f(x))
+        return dec.drop(dec.ln_f(x))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder hidden states ``(..., d_model)`` -> logits ``(..., V)`` float32."""
+        cfg = self.config
         if cfg.tie_word_embeddings:
             # T5 v1.0 convention (HF scale_decoder_outputs): rescale before the tied head.
-            x = x * cfg.d_model**-0.5
-        return self.lm_head(x)[..., : cfg.total_vocab_size].float()  # (B, T, V)
+            hidden = hidden * cfg.d_model**-0.5
+        return self.lm_head(hidden)[..., : cfg.total_vocab_size].float()  # (..., V)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forcing decoder inputs: ``[start, labels[:-1]]`` with -100 -> pad."""

@@ -9,7 +9,7 @@ encoder runs once and decoding reuses self-attention K/V plus the cached cross-a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,9 @@ class Sampling:
     seed: int | None = None
     generator: torch.Generator | None = None
     use_cache: bool = True  # False recomputes the whole sequence each step (reference path)
+    # Ends a sequence early: called with a sequence's new tokens after each step, True = done
+    # (its output keeps the tokens so far). Downstream evaluation stops at stop strings so.
+    stop: Callable[[list[int]], bool] | None = None
 
 
 @contextlib.contextmanager
@@ -95,7 +98,7 @@ def _generation(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_toke
         model.train(was_training)
 
 
-def _pad_batch(prompts: Sequence[Sequence[int]], pad_id: int, left: bool,
+def pad_batch(prompts: Sequence[Sequence[int]], pad_id: int, left: bool,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)  # (B, L)
@@ -107,17 +110,39 @@ def _pad_batch(prompts: Sequence[Sequence[int]], pad_id: int, left: bool,
     return ids, mask
 
 
-def _collect(steps: list[torch.Tensor], eos_id: int | None, B: int) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in range(B)]
-    if not steps:
-        return out
-    toks = torch.stack(steps, dim=1).tolist()  # (B, n_steps)
-    for i, row in enumerate(toks):
-        for t in row:
-            out[i].append(t)
-            if t == eos_id:
-                break
-    return out
+class _Finish:
+    """Which sequences are done (EOS, or ``Sampling.stop``) and how many tokens each keeps."""
+
+    def __init__(self, B: int, eos_id: int | None, stop: Callable[[list[int]], bool] | None,
+                 device: torch.device) -> None:
+        self.eos_id, self.stop = eos_id, stop
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.kept = [-1] * B  # tokens kept by a finished sequence; -1: still going
+        self.steps: list[torch.Tensor] = []
+
+    def add(self, nxt: torch.Tensor) -> bool:
+        """Record the step's ``(B,)`` tokens; True when every sequence is done."""
+        if self.eos_id is not None:
+            nxt = nxt.masked_fill(self.done, self.eos_id)  # finished rows just repeat EOS
+            newly = ~self.done & (nxt == self.eos_id)
+            self.done = self.done | newly
+            for i in newly.nonzero().flatten().tolist():
+                self.kept[i] = len(self.steps) + 1  # EOS included
+        self.steps.append(nxt)
+        if self.stop is not None:
+            rows = None
+            for i in (~self.done).nonzero().flatten().tolist():
+                rows = rows if rows is not None else torch.stack(self.steps, dim=1).tolist()
+                if self.stop(rows[i]):
+                    self.done[i] = True
+                    self.kept[i] = len(self.steps)
+        return bool(self.done.all())
+
+    def outputs(self) -> list[list[int]]:
+        if not self.steps:
+            return [[] for _ in self.kept]
+        toks = torch.stack(self.steps, dim=1).tolist()  # (B, n_steps)
+        return [row if k < 0 else row[:k] for row, k in zip(toks, self.kept, strict=True)]
 
 
 @torch.no_grad()
@@ -129,38 +154,32 @@ def generate_gpt2(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens:
     in its output."""
     opts = opts or Sampling()
     with _generation(model, prompts, max_new_tokens, opts) as (eos_id, pick, device):
-        return _gpt2_loop(model, prompts, max_new_tokens, eos_id, opts.use_cache, pick, device)
+        finish = _Finish(len(prompts), eos_id, opts.stop, device)
+        return _gpt2_loop(model, prompts, max_new_tokens, finish, opts.use_cache, pick, device)
 
 
 def _gpt2_loop(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               eos_id: int | None, use_cache: bool, pick: dict, device: torch.device
+               finish: _Finish, use_cache: bool, pick: dict, device: torch.device
                ) -> list[list[int]]:
     cfg = model.config
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.n_positions:
         raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"n_positions={cfg.n_positions}")
-    pad_id = eos_id if eos_id is not None else 0  # any id works: pads are masked out
-    ids, mask = _pad_batch(prompts, pad_id, left=True, device=device)  # (B, L)
-    B = ids.size(0)
+    pad_id = finish.eos_id if finish.eos_id is not None else 0  # any id: pads are masked out
+    ids, mask = pad_batch(prompts, pad_id, left=True, device=device)  # (B, L)
     cache = model.new_cache() if use_cache else None
-    steps: list[torch.Tensor] = []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     step_input = ids
     for _ in range(max_new_tokens):
         feed = step_input if use_cache else ids
         logits = model(feed, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
-        nxt = sample_next(logits, **pick)  # (B,)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(done, eos_id)  # finished rows just repeat EOS
-            done = done | (nxt == eos_id)
-        steps.append(nxt)
+        if finish.add(sample_next(logits, **pick)):  # (B,) tokens
+            break
+        nxt = finish.steps[-1]
         ids = torch.cat([ids, nxt[:, None]], dim=1)  # (B, L + step)
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
         step_input = nxt[:, None]  # (B, 1)
-        if eos_id is not None and bool(done.all()):
-            break
-    return _collect(steps, eos_id, B)
+    return finish.outputs()
 
 
 @torch.no_grad()
@@ -170,32 +189,27 @@ def generate_encdec(model: EncoderDecoder, prompts: Sequence[Sequence[int]], max
     decoder's tokens (EOS included where it stopped)."""
     opts = opts or Sampling()
     with _generation(model, prompts, max_new_tokens, opts) as (eos_id, pick, device):
-        return _encdec_loop(model, prompts, max_new_tokens, eos_id, opts.use_cache, pick, device)
+        finish = _Finish(len(prompts), eos_id, opts.stop, device)
+        return _encdec_loop(model, prompts, max_new_tokens, finish, opts.use_cache, pick, device)
 
 
 def _encdec_loop(model: EncoderDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 eos_id: int | None, use_cache: bool, pick: dict, device: torch.device
+                 finish: _Finish, use_cache: bool, pick: dict, device: torch.device
                  ) -> list[list[int]]:
     cfg = model.config
-    src, src_mask = _pad_batch(prompts, cfg.pad_token_id, left=False, device=device)  # (B, S)
+    src, src_mask = pad_batch(prompts, cfg.pad_token_id, left=False, device=device)  # (B, S)
     B = src.size(0)
     enc = model.encode(src, src_mask)  # (B, S, d): encoded once
     assert cfg.decoder_start_token_id is not None
     dec = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
     cache = model.new_cache() if use_cache else None
-    steps: list[torch.Tensor] = []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     step_input = dec
     for _ in range(max_new_tokens):
         feed = step_input if use_cache else dec
         logits = model.decode(feed, enc, src_mask, cache=cache)[:, -1]  # (B, V)
-        nxt = sample_next(logits, **pick)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(done, eos_id)
-            done = done | (nxt == eos_id)
-        steps.append(nxt)
+        if finish.add(sample_next(logits, **pick)):
+            break
+        nxt = finish.steps[-1]
         dec = torch.cat([dec, nxt[:, None]], dim=1)  # (B, 1 + step)
         step_input = nxt[:, None]
-        if eos_id is not None and bool(done.all()):
-            break
-    return _collect(steps, eos_id, B)
+    return finish.outputs()

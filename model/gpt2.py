@@ -116,6 +116,26 @@ class GPT2(nn.Module):
         Returns:
             logits ``(B, T, vocab_size + n_sentinels)`` float32, or loss, or both.
         """
+        x = self.hidden_states(input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, cache=cache)
+        logits = self.logits(x)  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        return (logits, loss) if return_logits else loss
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final layer norm's output ``(B, T, n_embd)``; ``logits`` turns it into logits.
+        Scoring a few positions of a long sequence (downstream evaluation) applies the LM head
+        to those positions only: at a small width the head is most of the FLOPs."""
         cfg = self.config
         B, T = input_ids.shape  # (B, T)
         past = cache.seq_len if cache is not None else 0
@@ -144,15 +164,12 @@ class GPT2(nn.Module):
                 x = checkpoint(block, x, attn_mask, None, use_reentrant=False)
             else:
                 x = block(x, attn_mask, cache)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., n_embd)`` hidden states -> ``(..., vocab_size + n_sentinels)`` float32."""
         # Padding the vocab only speeds up the matmul; drop the padded columns right away.
-        logits = self.lm_head(x)[..., : cfg.total_vocab_size].float()  # (B, T, V)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
-        return (logits, loss) if return_logits else loss
+        return self.lm_head(hidden)[..., : self.config.total_vocab_size].float()
 
     @staticmethod
     def _build_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int,

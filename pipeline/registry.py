@@ -28,6 +28,8 @@ from zeroforge.model import (
     load_encdec_hf,
     load_gpt2_hf,
     save_encdec_hf,
+    score_encdec,
+    score_gpt2,
     save_gpt2_hf,
     sentinel_ids,
 )
@@ -38,6 +40,23 @@ from zeroforge.pipeline.tasks.next_token import NextToken
 from zeroforge.pipeline.tasks.span_corruption import SpanCorruption
 
 ModelConfig = GPT2Config | EncDecConfig
+
+
+@dataclass(frozen=True)
+class LMForm:
+    """How a family answers lm-evaluation-harness requests (pipeline/results/harness.py)."""
+
+    # The harness's own name for the form, which decides how it tokenizes a (context,
+    # continuation) pair: "causal" (one sequence, tokenized whole) or "seq2seq" (apart).
+    backend: str
+    score: Callable[..., list[tuple[float, bool]]]  # (model, [(ctx, cont)], max_length)
+    max_length: Callable[[Any], int]  # tokens one request may use (its model config -> int)
+    generation_shares_window: bool  # True: the context and the generated tokens share it
+
+
+# T5's relative positions set no hard limit; 1024 is the model_max_length of the GPT-2
+# tokenizer an export carries, which the harness's Hugging Face backend reads as its limit.
+ENCDEC_HARNESS_MAX_LENGTH = 1024
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,7 @@ class Family:
     # Training FLOPs of one example of the given layout (model/flops.py conventions).
     flops_per_example: Callable[[Any, Layout], float]
     special_ids: Callable[[Any], SpecialIds]
+    lm: LMForm  # downstream evaluation (lm-evaluation-harness)
 
     def build(self, config: ModelConfig) -> torch.nn.Module:
         return self.model_cls(config)
@@ -78,9 +98,11 @@ def _encdec_special(cfg: EncDecConfig) -> SpecialIds:
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt",), "gpt2", generate_gpt2, save_gpt2_hf,
-                   load_gpt2_hf, _gpt2_flops, _gpt2_special),
+                   load_gpt2_hf, _gpt2_flops, _gpt2_special,
+                   LMForm("causal", score_gpt2, lambda c: c.n_positions, True)),
     "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5",), "t5", generate_encdec,
-                     save_encdec_hf, load_encdec_hf, _encdec_flops, _encdec_special),
+                     save_encdec_hf, load_encdec_hf, _encdec_flops, _encdec_special,
+                     LMForm("seq2seq", score_encdec, lambda c: ENCDEC_HARNESS_MAX_LENGTH, False)),
 }
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NextToken, SpanCorruption)}

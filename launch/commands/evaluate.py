@@ -1,5 +1,6 @@
-"""``zeroforge eval``: the validation loss / perplexity of a committed checkpoint, as one JSON
-line on stdout (and a summary on stderr)."""
+"""``zeroforge eval``: a committed checkpoint's validation loss / perplexity as one JSON line on
+stdout (and a summary on stderr), or with ``--tasks`` its scores on lm-evaluation-harness tasks
+(the harness's result structure with ``--json``, else its tables)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import sys
 
 from zeroforge.launch.commands import stdout_to_stderr
-from zeroforge.pipeline.errors import EXIT_OK
+from zeroforge.pipeline.errors import EXIT_OK, ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +27,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store split to evaluate on: data.val_windows fixed windows spread "
                              "evenly over it (default val)")
     parser.add_argument("--json", action="store_true",
-                        help="print only the JSON line (no summary on stderr)")
+                        help="print only the JSON (no summary on stderr; with --tasks the "
+                             "harness's result structure instead of its tables)")
+    harness = parser.add_argument_group(
+        "downstream tasks (lm-evaluation-harness; pip install 'zeroforge[eval]')")
+    harness.add_argument("--tasks", default=None, metavar="T1,T2",
+                         help="harness task names, comma-separated: evaluate on these instead "
+                              "of the validation loss")
+    harness.add_argument("--include-path", default=None, metavar="DIR",
+                         help="a folder of task YAML files (local tasks over local JSON/JSONL)")
+    harness.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                         help="few-shot examples per prompt (default: each task's own)")
+    harness.add_argument("--limit", type=int, default=None, metavar="N",
+                         help="at most N documents per task")
+    harness.add_argument("--batch-size", type=int, default=16, metavar="B",
+                         help="requests per forward pass (default 16)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return _run_harness(args)
     with stdout_to_stderr():
         from zeroforge.pipeline.dist import discover
         from zeroforge.pipeline.results.evaluate import eval_target, evaluate_checkpoint
@@ -42,4 +59,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"{tag_dir} (step {out['step']}): {s} loss {out[f'{s}/loss']:.4f}, "
                   f"ppl {out[f'{s}/ppl']:.2f} over {out[f'{s}/tokens']} tokens", file=sys.stderr)
         print(json.dumps(out), flush=True)
+    return EXIT_OK
+
+
+def _run_harness(args: argparse.Namespace) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name, e.g. --tasks hellaswag,arc_easy")
+    if args.checkpoint is None or args.config or args.overrides or args.tag:
+        raise ConfigError("--tasks evaluates --checkpoint DIR (a run dir or checkpoint dir); "
+                          "--config, --tag and overrides do not apply")
+    for flag, value, least in (("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0),
+                               ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
+    with stdout_to_stderr():
+        try:
+            from zeroforge.pipeline.results import harness
+        except ImportError as e:  # the optional extra is missing
+            raise ConfigError(f"--tasks needs lm-evaluation-harness ({e}): "
+                              "pip install 'zeroforge[eval]'") from None
+        results = harness.evaluate_checkpoint(args.checkpoint, tasks, args.include_path,
+                                              args.num_fewshot, args.limit, args.batch_size)
+    if results is not None:  # rank 0
+        print(harness.to_json(results) if args.json else harness.to_table(results), flush=True)
     return EXIT_OK
