@@ -34,6 +34,7 @@ from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.registry import ModelConfig
+from zeroforge.pipeline.results.eval_config import EvalConfig
 from zeroforge.pipeline.section import Section
 from zeroforge.pipeline.tracking.base import TrackingConfig
 from zeroforge.pipeline.training.config import CheckpointConfig, TrainConfig
@@ -77,6 +78,9 @@ class RunConfig(Section):
     """One training run (the YAML file's top level)."""
 
     run_dir: str = "runs/default"  # checkpoints, resolved configs, metrics.jsonl, logs
+    # The recipe's name (set from the --config file's name when the YAML has none): it names
+    # the MLflow run.
+    recipe: str | None = None
     # A path (relative: to the working directory), or the name of a shipped DeepSpeed config.
     deepspeed_config: str = DEFAULT_DS_CONFIG
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # overrides into deepspeed_config
@@ -90,6 +94,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.model_dump(exclude={"model"}), "model": self.model.to_dict()}
@@ -219,7 +224,7 @@ def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
 
 def _value_problems(cfg: RunConfig) -> list[str]:
     p: list[str] = []
-    for section in (cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.tracking):
+    for section in (cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.tracking, cfg.eval):
         p += section.problems()
     if not cfg.run_dir:
         p.append("run_dir must be a directory path")
@@ -327,7 +332,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def load_run_config(config: str, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe (path or shipped name), apply overrides, validate, return it."""
     path = find_config_file(config)
-    data = apply_overrides(load_yaml(path), list(overrides or []))
+    data = apply_overrides({"recipe": path.stem, **load_yaml(path)}, list(overrides or []))
     try:
         return build_run_config(data)
     except ConfigError as e:

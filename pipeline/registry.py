@@ -28,9 +28,9 @@ from zeroforge.model import (
     load_encdec_hf,
     load_gpt2_hf,
     save_encdec_hf,
+    save_gpt2_hf,
     score_encdec,
     score_gpt2,
-    save_gpt2_hf,
     sentinel_ids,
 )
 from zeroforge.pipeline.data.config import DataConfig

@@ -1,6 +1,9 @@
 """``zeroforge export``: a checkpoint as a Hugging Face ``transformers`` directory.
 
-    zeroforge export --checkpoint runs/gpt2-tiny-cpu --out exports/gpt2-tiny
+    zeroforge export --checkpoint runs/gpt2-tiny-cpu --out exports/gpt2-tiny [--register NAME]
+
+``--register NAME`` also logs the export to the MLflow run that wrote the checkpoint and
+registers it as a new version of NAME in the Model Registry.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out even if it is not empty")
+    parser.add_argument("--register", default=None, metavar="NAME",
+                        help="log the export to the checkpoint's MLflow run and register it as "
+                             "a new version of NAME in the Model Registry")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,9 +34,14 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise ConfigError(f"--out {out} exists and is not an empty directory (pass --overwrite "
                           "to write into it)")
+    if args.register is not None and not args.register.strip():
+        raise ConfigError("--register: give a model name")
     with stdout_to_stderr():
-        from zeroforge.pipeline.results.export import export
+        from zeroforge.pipeline.results.export import export, register
 
-    tag_dir = export(args.checkpoint, out)
-    log.info("exported %s to %s", tag_dir, out)
+    info = export(args.checkpoint, out)
+    log.info("exported %s to %s", info.tag_dir, out)
+    if args.register:
+        version = register(info, out, args.register)
+        log.info("registered %s version %s (step %d)", args.register, version, info.step)
     return EXIT_OK

@@ -80,7 +80,7 @@ class ZeroforgeLM(TemplateLM):
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
         self.model, self.family, self.enc = model, family, encoding
         self.backend = family.lm.backend  # read by the harness's pair tokenization
-        self._max_length = max_length or family.lm.max_length(model.config)  # type: ignore[arg-type]
+        self._max_length = max_length or family.lm.max_length(model.config)
         self._batch_size = batch_size
         self._device = next(model.parameters()).device
         if distributed and dist.is_initialized():
@@ -120,7 +120,8 @@ class ZeroforgeLM(TemplateLM):
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
         """Text of ordinary tokens; EOT and sentinels are left out (``skip_special_tokens``)."""
-        return self.enc.decode([t for t in tokens if t < self.enc.n_vocab and t != self.eot_token_id])
+        eot, n_vocab = self.eot_token_id, self.enc.n_vocab
+        return self.enc.decode([t for t in tokens if t < n_vocab and t != eot])
 
     # ------------------------------------------------------------------ distributed
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

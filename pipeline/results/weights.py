@@ -60,6 +60,7 @@ class CheckpointInfo:
     store_fingerprint: str | None
     zero_stage: int
     run_config: dict[str, Any] = field(default_factory=dict)
+    tracking_run_id: str | None = None  # the MLflow run that wrote it (None: not tracked)
 
     def to_json(self) -> dict[str, Any]:
         return {"checkpoint": str(self.tag_dir), "step": self.step, "family": self.family.name,
@@ -179,7 +180,8 @@ def read_checkpoint(path: str | Path, weights: bool = True
         tag_dir=tag_dir, step=int(states.get("step", marker.get("step", 0))), family=family,
         model_config=family.config_cls.from_dict(model_dict), tokenizer=_tokenizer_of(states),
         store_fingerprint=states.get("store_fingerprint") or marker.get("store_fingerprint"),
-        zero_stage=_zero_stage(states, tag_dir), run_config=states.get("run_config") or {})
+        zero_stage=_zero_stage(states, tag_dir), run_config=states.get("run_config") or {},
+        tracking_run_id=states.get("tracking_run_id"))
     if not weights:
         return info, None
     if info.zero_stage >= 1:

@@ -24,6 +24,9 @@ class TrackingConfig(Section):
     run_name: str | None = None  # None: the run directory's name
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in run_dir
     system_metrics: bool = True  # CPU/RAM/disk/network (GPU with nvidia-ml-py) via psutil
+    # At the end of training, export the final checkpoint (<run_dir>/export), log it to the run
+    # and register it as a new version of this Model Registry name; null: no registration.
+    register_model: str | None = None
 
     def problems(self) -> list[str]:
         p = []
@@ -37,6 +40,10 @@ class TrackingConfig(Section):
             p.append("tracking.run_name must be a non-empty string or null")
         if self.tracking_uri is not None and not self.tracking_uri.strip():
             p.append("tracking.tracking_uri must be a non-empty string or null")
+        if self.register_model is not None and not self.register_model.strip():
+            p.append("tracking.register_model must be a model name or null")
+        if self.register_model and self.backend == "none":
+            p.append("tracking.register_model needs tracking.backend: mlflow")
         return p
 
 
@@ -62,6 +69,12 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags (overwriting tags of the same name)."""
+
+    def register_model(self, export_dir: Path, name: str, step: int,
+                       tags: Mapping[str, str]) -> str | None:
+        """Log an exported model to the run and register a new version of ``name``; returns
+        the version (None: nothing registered)."""
+        return None
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run as FINISHED, FAILED or KILLED; calls after the first do nothing."""

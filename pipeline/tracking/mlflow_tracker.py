@@ -13,6 +13,11 @@ Rules the code follows, and why:
   the run is different: a wrong URI fails at once with a message naming the setting.
 - MLflow params are immutable. A resumed run logs only the params it has not logged yet and
   warns about (and keeps the first value of) any that changed.
+- What the UI shows a new user: the experiment is tagged as model training
+  (``mlflow.experimentKind``), else MLflow opens it in its GenAI view (traces, token usage);
+  a run is named after its recipe and model plus its start time (unique in the experiment), its
+  description (``mlflow.note.content``) says model, data, world size and command line, and its
+  token stores are its dataset inputs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import contextlib  # noqa: E402
 import getpass  # noqa: E402
 import hashlib  # noqa: E402
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -40,14 +46,24 @@ from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import (  # noqa: E402
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    RunTag,
+    ViewType,  # noqa: E402
+)
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from zeroforge.pipeline.errors import ConfigError  # noqa: E402
+from zeroforge.pipeline.errors import ConfigError, RunError  # noqa: E402
 from zeroforge.pipeline.tracking.base import Tracker, TrackingConfig, check_status  # noqa: E402
 from zeroforge.pipeline.tracking.params import flatten  # noqa: E402
 from zeroforge.pipeline.tracking.plots import render_loss_curve  # noqa: E402
+from zeroforge.pipeline.tracking.summary import RunSummary, StoreInput  # noqa: E402
 
 logger = logging.getLogger(__name__)
 # The sqlite store's migrations (alembic) log INFO lines for every new store: same level.
@@ -60,6 +76,11 @@ MAX_KEY_LEN = 250
 MAX_PARAM_VALUE_LEN = 6000
 MAX_TAG_VALUE_LEN = 5000
 LOSS_CURVE_DIR = "plots"  # artifact `plots/loss_curve.png`, overwritten at each eval
+# The experiment tag that picks the UI's view; unset, MLflow 3 guesses its GenAI view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI
+MAX_DIGEST_LEN = 36  # MLflow's limit on a dataset digest
 # Characters MLflow accepts in param/metric/tag keys on every OS (colon is refused on Windows).
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
 
@@ -83,6 +104,7 @@ class MlflowTracker(Tracker):
         run_dir: Path,
         resume_run_id: str | None,
         tags: dict[str, str],
+        summary: RunSummary | None = None,
     ) -> MlflowTracker:
         uri = resolve_tracking_uri(cfg, run_dir)
         _prepare_store(uri)  # a wrong URI fails in milliseconds, before MLflow's retries
@@ -94,9 +116,10 @@ class MlflowTracker(Tracker):
             start_tags = {"mlflow.user": user} if user else {}
             if resume_run_id:
                 start_tags["zeroforge.resumed_from_run_id"] = resume_run_id
-            run = client.create_run(
-                experiment_id, run_name=cfg.run_name or run_dir.resolve().name, tags=start_tags
-            )
+            name = cfg.run_name or (
+                _unique_run_name(client, experiment_id, summary.name) if summary is not None
+                else run_dir.resolve().name)
+            run = client.create_run(experiment_id, run_name=name, tags=start_tags)
             resumed = False
         else:
             resumed = True
@@ -104,6 +127,10 @@ class MlflowTracker(Tracker):
             resumes = (int(previous) if previous.isdigit() else 0) + 1
             tags = {**tags, "zeroforge.resumes": str(resumes)}
         tracker = cls(client, uri, run.info.run_id, run.data.params if resumed else {})
+        if summary is not None:
+            # Again on resume: the world size (elastic resume) or the command may have changed.
+            tags = {**tags, DESCRIPTION_TAG: summary.description}
+            tracker.log_datasets(summary.datasets)
         tracker.set_tags(tags)
         if cfg.system_metrics:
             tracker._start_system_metrics(resumed)
@@ -154,6 +181,28 @@ class MlflowTracker(Tracker):
         path = Path(path)
         log = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
         self._guard(f"log artifact {path}", log, self.run_id, str(path), artifact_path)
+
+    def log_datasets(self, stores: tuple[StoreInput, ...]) -> None:
+        """The token stores as the run's dataset inputs (MLflow keeps one per name and digest,
+        so a resumed run logging them again adds nothing)."""
+        inputs = [DatasetInput(
+            Dataset(name=s.name, digest=_digest(s.digest), source_type="local" if
+                    "://" not in s.source else s.source.split("://", 1)[0],
+                    source=json.dumps({"uri": s.source}),
+                    schema=json.dumps({"zeroforge": "token store", "fingerprint": s.digest}),
+                    profile=json.dumps({**{f"{split}_{k}": v for split, c in s.splits.items()
+                                           for k, v in c.items()}, "weight": s.weight})),
+            tags=[InputTag("mlflow.data.context", "training"),
+                  InputTag("weight", f"{s.weight:g}")]) for s in stores]
+        if inputs:
+            self._guard("log datasets", self._client.log_inputs, self.run_id, datasets=inputs)
+
+    def register_model(self, export_dir: Path, name: str, step: int,
+                       tags: Mapping[str, str]) -> str | None:
+        """Log the exported model to this run and register it as a new version of ``name``;
+        returns the version, None if tracking failed (warned)."""
+        return self._guard(f"register model {name}", register_export, self._client, self.run_id,
+                           export_dir, name, step, tags)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._guard(f"log {artifact_file}", self._client.log_text, self.run_id, text, artifact_file)
@@ -224,6 +273,51 @@ def resolve_tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
     return "sqlite:///" + str((Path(run_dir) / "mlflow.db").resolve())
 
 
+def register_export(client: Any, run_id: str, export_dir: Path, name: str, step: int,
+                    tags: Mapping[str, str]) -> str:
+    """A Hugging Face export directory as a logged model of run ``run_id`` (its artifacts, the
+    run's "Logged models"), and a new version of registered model ``name`` made from it, both
+    tagged with ``tags`` (step, store fingerprint, ...). Returns the version."""
+    run = client.get_run(run_id)
+    tags = {k: str(v) for k, v in tags.items()}
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                       tags=tags, model_type="transformers")
+    client.log_model_artifacts(model.model_id, str(export_dir))
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=model.model_uri, run_id=run_id,
+                                          tags=tags, model_id=model.model_id)
+    return str(version.version)
+
+
+def register_checkpoint_export(cfg: TrackingConfig, run_dir: Path, run_id: str | None,
+                               export_dir: Path, name: str, step: int,
+                               tags: Mapping[str, str]) -> str:
+    """``zeroforge export --register``: ``register_export`` into the tracking store of the run
+    that wrote the checkpoint (its saved ``tracking`` settings and run directory)."""
+    if cfg.backend == "none" or run_id is None:
+        raise ConfigError("--register: the checkpoint's run was not tracked (tracking.backend: "
+                          "none), so there is no MLflow run to log the model to")
+    uri = resolve_tracking_uri(cfg, run_dir)
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise ConfigError(f"--register: the run's MLflow store {db} does not exist; set "
+                          "MLFLOW_TRACKING_URI to the store the run logged to")
+    _prepare_store(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise RunError(f"--register: MLflow run {run_id} of the checkpoint is not in "
+                       f"{_redact(uri)} ({_first_line(exc)})") from None
+    return register_export(client, run_id, export_dir, name, step, tags)
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
@@ -261,10 +355,13 @@ def _check_reachable(uri: str, timeout: float = 10.0) -> None:
 
 
 def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:
+    """The experiment ``name`` (created when missing), tagged as model training unless its
+    kind was already set (a user's choice wins)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_root)
+            return client.create_experiment(name, artifact_location=artifact_root,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException:
             # Another job created it between our lookup and create.
             experiment = client.get_experiment_by_name(name)
@@ -275,7 +372,32 @@ def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:
             f"tracking.experiment: MLflow experiment {name!r} is deleted; restore it "
             "(mlflow experiments restore) or choose another name"
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                  MODEL_TRAINING_KIND)
     return experiment.experiment_id
+
+
+def _unique_run_name(client: Any, experiment_id: str, base: str) -> str:
+    """``base · start time``, with `` (2)``, `` (3)``... if the experiment has that name."""
+    # No quotes: MLflow's filter syntax has no escape for them.
+    name = f"{base} · {time.strftime('%Y-%m-%d %H:%M:%S')}".replace("'", "")
+    taken = {r.info.run_name for r in client.search_runs(
+        [experiment_id], filter_string=f"attributes.run_name LIKE '{name}%'", max_results=1000,
+        run_view_type=ViewType.ALL)}
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name} ({n})"
+    return candidate
+
+
+def _digest(fingerprint: str) -> str:
+    """The fingerprint itself when MLflow can hold it (a two-split store's fits), else a hash of
+    it (the schema keeps the full fingerprint)."""
+    if len(fingerprint) <= MAX_DIGEST_LEN:
+        return fingerprint
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:MAX_DIGEST_LEN]
 
 
 def _reopen_run(client: Any, run_id: str) -> Any | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.tracking.base import Tracker, TrackingConfig
 from zeroforge.pipeline.tracking.params import default_tags
+from zeroforge.pipeline.tracking.summary import RunSummary
 
 
 @contextlib.contextmanager
@@ -37,13 +38,16 @@ def make_tracker(
     rank: int,
     resume_run_id: str | None = None,
     hostnames: Sequence[str] | None = None,
+    summary: RunSummary | None = None,
 ) -> Tracker:
     """The tracker for this process: MLflow on rank 0 unless ``tracking.backend`` is ``none``.
 
     ``resume_run_id`` (from the checkpoint) reopens that run, so its metrics continue; if the
     store no longer has it, a new run is started with a warning and tagged with the old id.
     ``hostnames`` (every rank's host, in rank order) are recorded as the ``zeroforge.hostnames``
-    tag. Raises ConfigError naming the setting for a bad config or an unreachable server.
+    tag. ``summary`` names and describes a new run and lists its token stores as dataset inputs
+    (pipeline/tracking/summary.py). Raises ConfigError naming the setting for a bad config or an
+    unreachable server.
     """
     problems = cfg.problems()
     if problems:
@@ -54,4 +58,5 @@ def make_tracker(
     # every rank but 0 should not pay.
     from zeroforge.pipeline.tracking.mlflow_tracker import MlflowTracker
 
-    return MlflowTracker.start(cfg, Path(run_dir), resume_run_id, default_tags(hostnames))
+    return MlflowTracker.start(cfg, Path(run_dir), resume_run_id, default_tags(hostnames),
+                               summary)

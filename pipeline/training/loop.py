@@ -48,6 +48,9 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
             result = run_eval(run)
             record = (record or {"step": state.step}) | result
             stop_reason = _early_stopping(run, result["val/loss"], at_end)
+        final = at_end or bool(stop_reason)
+        if run.downstream is not None and run.downstream.due(state.step, final):
+            record = (record or {"step": state.step}) | run.downstream.evaluate(run.engine)
         if record is not None and run.is_main:
             _report(run, record, loss, lr)
         every = run.cfg.checkpoint.every

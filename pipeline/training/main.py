@@ -8,14 +8,17 @@ Every launcher starts the same command on every rank (``python -m zeroforge.laun
 from __future__ import annotations
 
 import logging
+import shutil
 
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.dist import PreemptionFlag, discover
 from zeroforge.pipeline.errors import EXIT_OK, ConfigError, ZeroforgeError
+from zeroforge.pipeline.results.export import export, model_tags
 from zeroforge.pipeline.tracking.tracker import tracking_status
 from zeroforge.pipeline.training.loop import fit
 from zeroforge.pipeline.training.process import init_distributed
 from zeroforge.pipeline.training.setup import setup
+from zeroforge.pipeline.training.state import Run
 
 log = logging.getLogger("zeroforge.train")
 
@@ -26,6 +29,18 @@ def _quiet_other_ranks(rank: int) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _register_final_model(run: Run, name: str) -> None:
+    """``tracking.register_model``: the final checkpoint (committed by every rank) exported to
+    ``<run_dir>/export`` and registered as a new version of ``name`` from the run."""
+    out = run.run_dir / "export"
+    if out.exists():
+        shutil.rmtree(out)  # the previous end of this run (a resumed run ends again)
+    info = export(run.ckpt_dir, out)
+    version = run.tracker.register_model(out, name, info.step, model_tags(info))
+    if version is not None:
+        log.info("registered %s version %s (step %d, %s)", name, version, info.step, out)
 
 
 def train(cfg: RunConfig) -> int:
@@ -43,6 +58,8 @@ def train(cfg: RunConfig) -> int:
     try:
         with tracking_status(run.tracker):
             code = fit(run, preempt)
+            if code == EXIT_OK and run.is_main and cfg.tracking.register_model:
+                _register_final_model(run, cfg.tracking.register_model)
     finally:
         run.loader.close()
         if run.is_main:

@@ -22,8 +22,10 @@ from zeroforge.pipeline.results.weights import init_from
 from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.params import run_params
 from zeroforge.pipeline.tracking.progress import Progress
+from zeroforge.pipeline.tracking.summary import command_line, run_summary
 from zeroforge.pipeline.tracking.tracker import make_tracker
 from zeroforge.pipeline.training import checkpoint as ckpt
+from zeroforge.pipeline.training.downstream import make_downstream
 from zeroforge.pipeline.training.ds_config import precision_of, zero_stage
 from zeroforge.pipeline.training.elastic import ResumePlan, plan_resume
 from zeroforge.pipeline.training.engine import (
@@ -53,7 +55,8 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     """Build model, engine, data and tracker; resume from the newest committed checkpoint."""
     run_dir = Path(cfg.run_dir)
     ckpt_dir = cfg.checkpoint.path(run_dir)
-    fingerprint, vocab, tokenizer = store_info(open_stores(cfg.data))
+    stores = open_stores(cfg.data)
+    fingerprint, vocab, tokenizer = store_info(stores)
     model_config = cfg.build_model_config()
     if model_config.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
@@ -79,13 +82,20 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
                          d.world_size, cfg.train.seed, state=client.get("data"))
     val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
     hostnames = _all_gather_strings(socket.gethostname(), d.world_size)
+    summary = run_summary(
+        recipe=cfg.recipe, family=cfg.model.family, preset=cfg.model.preset, task=task.name,
+        n_params=n_params, sources=cfg.data.sources(), stores=stores, world_size=d.world_size,
+        zero_stage=zero_stage(ds), precision=precision_of(ds), device=device,
+        command=command_line()) if d.rank == 0 else None
     tracker = make_tracker(cfg.tracking, run_dir, d.rank,
-                           resume_run_id=client.get("tracking_run_id"), hostnames=hostnames)
+                           resume_run_id=client.get("tracking_run_id"), hostnames=hostnames,
+                           summary=summary)
     run = Run(cfg=cfg, dist=d, device=device, run_dir=run_dir, ckpt_dir=ckpt_dir, engine=engine,
               model_config=model_config, family=family, task=task, ds_config=ds, loader=loader,
               val=val, tracker=tracker, state=state, fingerprint=fingerprint, n_params=n_params,
               flops_per_step=family.flops_per_example(model_config, task.layout)
-              * loader.global_batch, tokenizer=tokenizer)
+              * loader.global_batch, tokenizer=tokenizer,
+              downstream=make_downstream(cfg.eval, family, model_config, tokenizer, d.rank))
     if run.is_main:
         _start_reporting(run)
     return run

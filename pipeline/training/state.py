@@ -16,6 +16,7 @@ from zeroforge.pipeline.tasks.base import Task
 from zeroforge.pipeline.tracking.base import Tracker
 from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.progress import Progress
+from zeroforge.pipeline.training.downstream import Downstream
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Run:
     tokenizer: str
     metrics: MetricsWriter | None = None  # rank 0 only
     progress: Progress | None = None  # rank 0 only
+    downstream: Downstream | None = None  # eval.harness_tasks (training/downstream.py)
 
     @property
     def is_main(self) -> bool:
