@@ -37,11 +37,13 @@ def run(args: argparse.Namespace) -> int:
     if args.register is not None and not args.register.strip():
         raise ConfigError("--register: give a model name")
     with stdout_to_stderr():
-        from zeroforge.pipeline.results.export import export, register
+        from zeroforge.pipeline.results.export import Registration, export
 
+    # Checked first: a registration that cannot happen must not leave an export behind.
+    registration = Registration(args.checkpoint) if args.register else None
     info = export(args.checkpoint, out)
     log.info("exported %s to %s", info.tag_dir, out)
-    if args.register:
-        version = register(info, out, args.register)
+    if registration is not None:
+        version = registration.register(info, out, args.register)
         log.info("registered %s version %s (step %d)", args.register, version, info.step)
     return EXIT_OK

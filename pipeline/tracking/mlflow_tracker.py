@@ -295,11 +295,9 @@ def register_export(client: Any, run_id: str, export_dir: Path, name: str, step:
     return str(version.version)
 
 
-def register_checkpoint_export(cfg: TrackingConfig, run_dir: Path, run_id: str | None,
-                               export_dir: Path, name: str, step: int,
-                               tags: Mapping[str, str]) -> str:
-    """``zeroforge export --register``: ``register_export`` into the tracking store of the run
-    that wrote the checkpoint (its saved ``tracking`` settings and run directory)."""
+def checkpoint_run_client(cfg: TrackingConfig, run_dir: Path, run_id: str | None) -> Any:
+    """``zeroforge export --register``: a client of the tracking store of the run that wrote the
+    checkpoint (its saved ``tracking`` settings and run directory), checked to hold the run."""
     if cfg.backend == "none" or run_id is None:
         raise ConfigError("--register: the checkpoint's run was not tracked (tracking.backend: "
                           "none), so there is no MLflow run to log the model to")
@@ -315,7 +313,7 @@ def register_checkpoint_export(cfg: TrackingConfig, run_dir: Path, run_id: str |
     except MlflowException as exc:
         raise RunError(f"--register: MLflow run {run_id} of the checkpoint is not in "
                        f"{_redact(uri)} ({_first_line(exc)})") from None
-    return register_export(client, run_id, export_dir, name, step, tags)
+    return client
 
 
 def _sqlite_path(uri: str) -> Path | None:

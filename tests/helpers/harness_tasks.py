@@ -58,7 +58,7 @@ def write_tasks(folder: Path) -> Path:
     _write(folder, GEN, gen, (
         "output_type: generate_until\n"
         "doc_to_text: '{{context}}'\ndoc_to_target: '{{target}}'\ntarget_delimiter: ''\n"
-        "generation_kwargs:\n  until: ['.', '\\n']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "generation_kwargs:\n  until: [\"\\n\\n\", \" def\"]\n  max_gen_toks: 12\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
         "    higher_is_better: true\n"))
     # Long enough that a 256-position model needs several rolling windows per document.

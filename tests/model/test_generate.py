@@ -125,3 +125,22 @@ def test_t5_stops_at_eos(t5: EncoderDecoder) -> None:
     out = generate_encdec(t5, PROMPTS, 12, Sampling(eos_id=eos))
     for o, f in zip(out, free, strict=True):
         assert o == (f[: f.index(eos) + 1] if eos in f else f)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_stop_ends_each_sequence_where_it_says(family: str, gpt2: GPT2, t5: EncoderDecoder
+                                               ) -> None:
+    model, generate = (gpt2, generate_gpt2) if family == "gpt2" else (t5, generate_encdec)
+    free = generate(model, PROMPTS, 12, Sampling(stop_at_eos=False))
+    # Stop a sequence once it has emitted the 4th token it would have emitted unstopped.
+    marks = [row[3] for row in free]
+    calls: list[int] = []
+
+    def stop(tokens: list[int]) -> bool:
+        calls.append(len(tokens))
+        return marks[[r[:len(tokens)] for r in free].index(tokens)] in tokens
+
+    stopped = generate(model, PROMPTS, 12, Sampling(stop_at_eos=False, stop=stop))
+    for row, full, mark in zip(stopped, free, marks, strict=True):
+        assert row == full[:full.index(mark) + 1]  # the tokens so far, the stop token included
+    assert max(calls) <= max(len(r) for r in stopped)  # generation ended when all had stopped

@@ -343,3 +343,79 @@ def test_embedded_sqlite_store_lives_in_run_dir(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "run"
     assert steps_of(client, tracker.run_id, "train/loss") == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# what the UI shows a new user: experiment kind, run name, description, dataset inputs
+
+
+def _summary(tmp_path):
+    from zeroforge.data_prep.build import PrepOptions, build_store
+    from zeroforge.data_prep.store import TokenStore
+    from zeroforge.pipeline.tracking.summary import run_summary
+
+    paths = []
+    for name, frac in (("pydoc-a", 0.1), ("pydoc-b", 0.2)):
+        build_store(["builtin:pydoc-topics"], tmp_path / name,
+                    PrepOptions(val_fraction=frac, progress=False))
+        paths.append(str(tmp_path / name))
+    stores = [TokenStore.open(p) for p in paths]
+    summary = run_summary(recipe="gpt2-tiny-cpu", family="gpt2", preset="gpt2-tiny", task="gpt",
+                          n_params=3_418_112, sources=[(paths[0], 3.0), (paths[1], 1.0)],
+                          stores=stores, world_size=2, zero_stage=1, precision="fp32",
+                          device="cpu", command="zeroforge train --config gpt2-tiny-cpu")
+    return summary, stores
+
+
+def test_new_user_sees_kind_name_description_and_datasets(mlflow_server, tmp_path):
+    from zeroforge.pipeline.tracking.mlflow_tracker import DESCRIPTION_TAG, EXPERIMENT_KIND_TAG
+
+    summary, stores = _summary(tmp_path)
+    assert summary.name == "gpt2-tiny-cpu · gpt2 3.4M"
+    cfg = server_cfg(mlflow_server, experiment="ui-view")
+    first = make_tracker(cfg, tmp_path, rank=0, summary=summary)
+    second = make_tracker(cfg, tmp_path, rank=0, summary=summary)  # same second, most likely
+    client = client_for(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("ui-view")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = [client.get_run(t.run_id) for t in (first, second)]
+    names = [r.info.run_name for r in runs]
+    assert all(n.startswith("gpt2-tiny-cpu · gpt2 3.4M · ") for n in names)
+    assert names[0] != names[1]
+    note = runs[0].data.tags[DESCRIPTION_TAG]
+    assert "**gpt2 gpt2-tiny**, 3.4M parameters" in note and "world size** 2" in note
+    assert "`zeroforge train --config gpt2-tiny-cpu`" in note and str(tmp_path / "pydoc-a") in note
+    inputs = {d.dataset.name: d for d in runs[0].inputs.dataset_inputs}
+    assert sorted(inputs) == ["pydoc-a", "pydoc-b"]
+    for store, (name, weight) in zip(stores, (("pydoc-a", "3"), ("pydoc-b", "1")), strict=True):
+        d = inputs[name]
+        assert d.dataset.digest == store.fingerprint
+        assert json.loads(d.dataset.source)["uri"] == str(Path(store.path).resolve())
+        profile = json.loads(d.dataset.profile)
+        counts = store.attrs["counts"]
+        assert profile["train_tokens"] == counts["train"]["tokens"]
+        assert profile["val_documents"] == counts["val"]["docs"] and profile["weight"] == float(weight)
+        assert {t.key: t.value for t in d.tags} == {"mlflow.data.context": "training",
+                                                  "weight": weight}
+    for t in (first, second):
+        t.finish()
+    # An experiment whose kind a user chose keeps it.
+    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    make_tracker(cfg, tmp_path, rank=0, summary=summary).finish()
+    assert client.get_experiment(experiment.experiment_id).tags[EXPERIMENT_KIND_TAG] == \
+        "genai_development"
+    # A resumed run keeps its name and logs its datasets once.
+    resumed = make_tracker(cfg, tmp_path, rank=0, resume_run_id=first.run_id, summary=summary)
+    again = client.get_run(resumed.run_id)
+    assert again.info.run_name == names[0] and len(again.inputs.dataset_inputs) == 2
+    resumed.finish()
+
+
+def test_existing_experiment_gets_the_training_kind(mlflow_server, tmp_path):
+    from zeroforge.pipeline.tracking.mlflow_tracker import EXPERIMENT_KIND_TAG
+
+    client = client_for(mlflow_server.uri)
+    client.create_experiment("made-before")  # by an older zeroforge, or by hand
+    make_tracker(server_cfg(mlflow_server, experiment="made-before"), tmp_path, rank=0).finish()
+    assert client.get_experiment_by_name("made-before").tags[EXPERIMENT_KIND_TAG] == \
+        "custom_model_development"

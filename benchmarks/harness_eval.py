@@ -1,0 +1,83 @@
+"""lm-evaluation-harness speed: our LM (pipeline/results/harness.py) vs the harness's own
+Hugging Face backend on the same model and tasks (not a test).
+
+The model is a GPT-2 of the chosen size (random weights: speed does not depend on them), saved
+as a Hugging Face directory for the baseline; the tasks are the builtin ones of
+tests/helpers/harness_tasks.py (multiple choice, generation, perplexity), offline. Both LMs are
+built once; each round evaluates every task with ours and then theirs, and the table gives
+the median seconds per task and the ratio theirs/ours (> 1: ours is faster).
+
+    python benchmarks/harness_eval.py [--config mini] [--batch-size 16] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
+
+import torch  # noqa: E402
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from zeroforge.data_prep.tokenize import get_encoding  # noqa: E402
+from zeroforge.model import GPT2, GPT2Config  # noqa: E402
+from zeroforge.pipeline import registry  # noqa: E402
+from zeroforge.pipeline.results.export import write_gpt2_tokenizer_files  # noqa: E402
+from zeroforge.pipeline.results.harness import ZeroforgeLM, task_manager  # noqa: E402
+
+from tests.helpers.harness_tasks import GEN, MC, PPL, write_tasks  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="gpt2-mini", help="GPT-2 preset (default gpt2-mini)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args()
+    logging.disable(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="zf-harness-bench-") as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        model = GPT2(GPT2Config.preset(args.config, init_std=0.1)).eval()
+        registry.family_of(model.config).save_hf(model, tmp / "hf")
+        write_gpt2_tokenizer_files(tmp / "hf")
+        manager = task_manager(str(write_tasks(tmp / "tasks")))
+        ours = ZeroforgeLM(model, registry.family_of(model.config), get_encoding("gpt2"),
+                           args.batch_size)
+        theirs = HFLM(pretrained=str(tmp / "hf"), device="cpu", batch_size=args.batch_size,
+                      dtype="float32")
+        times: dict[tuple[str, str], list[float]] = {}
+        for _ in range(args.rounds):
+            for task in (MC, GEN, PPL):
+                for name, lm in (("ours", ours), ("hf", theirs)):
+                    t0 = time.perf_counter()
+                    simple_evaluate(model=lm, tasks=[task], task_manager=manager,
+                                    log_samples=False, bootstrap_iters=0)
+                    times.setdefault((task, name), []).append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"GPT-2 {args.config} ({n_params / 1e6:.1f}M params), batch {args.batch_size}, "
+          f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    print("| task | ours s | hf backend s | hf / ours |")
+    print("|---|---|---|---|")
+    for task in (MC, GEN, PPL):
+        a = statistics.median(times[(task, "ours")])
+        b = statistics.median(times[(task, "hf")])
+        print(f"| {task} | {a:.2f} | {b:.2f} | **{b / a:.2f}** |")
+
+
+if __name__ == "__main__":
+    main()
