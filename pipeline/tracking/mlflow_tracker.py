@@ -290,7 +290,9 @@ def register_export(client: Any, run_id: str, export_dir: Path, name: str, step:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, source=model.model_uri, run_id=run_id,
+    # The artifact location, not models:/<id>: a sqlite registry resolves that URI through the
+    # process-wide tracking URI instead of this client's, and would not find the model.
+    version = client.create_model_version(name, source=model.artifact_location, run_id=run_id,
                                           tags=tags, model_id=model.model_id)
     return str(version.version)
 

@@ -116,9 +116,13 @@ def test_final_model_registered_and_export_registers_another(tracked, mlflow_ser
     assert v1.version == "1" and v1.run_id == run.info.run_id
     assert v1.tags["zeroforge.step"] == str(STEPS)
     assert v1.tags["zeroforge.store_fingerprint"] == fingerprint
-    logged = client.get_logged_model(v1.model_id)
-    assert logged.source_run_id == run.info.run_id
-    files = {f.path for f in client.list_logged_model_artifacts(v1.model_id)}
+    # The run's "Logged models": its output, made from the export.
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    assert output.step == STEPS
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id and logged.name == MODEL
+    assert v1.source == logged.artifact_location
+    files = {f.path for f in client.list_logged_model_artifacts(logged.model_id)}
     assert {"config.json", "model.safetensors", "vocab.json"} <= files
     assert (result.run_dir / "export" / "config.json").is_file()
 
@@ -134,7 +138,8 @@ def test_final_model_registered_and_export_registers_another(tracked, mlflow_ser
     assert v2.run_id == run.info.run_id and v2.tags["zeroforge.step"] == str(STEPS)
     assert v2.tags["zeroforge.store_fingerprint"] == fingerprint
     models = client.search_logged_models([run.info.experiment_id])
-    assert {m.model_id for m in models} == {v1.model_id, v2.model_id}
+    assert sorted(m.artifact_location for m in models) == sorted([v1.source, v2.source])
+    assert all(m.source_run_id == run.info.run_id for m in models)
     # REST: the registry knows the model by name.
     got = _rest(mlflow_server, "registered-models/get", name=MODEL)
     assert got["registered_model"]["name"] == MODEL

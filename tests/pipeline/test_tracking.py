@@ -419,3 +419,24 @@ def test_existing_experiment_gets_the_training_kind(mlflow_server, tmp_path):
     make_tracker(server_cfg(mlflow_server, experiment="made-before"), tmp_path, rank=0).finish()
     assert client.get_experiment_by_name("made-before").tags[EXPERIMENT_KIND_TAG] == \
         "custom_model_development"
+
+
+def test_register_export_in_the_embedded_sqlite_store(tmp_path, monkeypatch):
+    # The embedded store (the default) resolves a registered model's source itself: a
+    # models:/ URI would be looked up in the process-wide tracking store and not be found.
+    from zeroforge.pipeline.tracking.mlflow_tracker import register_export
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = make_tracker(TrackingConfig(system_metrics=False), tmp_path, rank=0)
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = {"zeroforge.step": "3", "zeroforge.store_fingerprint": "abc-1-2"}
+    assert register_export(client, tracker.run_id, export, "tiny", 3, tags) == "1"
+    assert register_export(client, tracker.run_id, export, "tiny", 3, tags) == "2"
+    version = client.get_model_version("tiny", "2")
+    assert version.run_id == tracker.run_id and version.tags == tags
+    outputs = client.get_run(tracker.run_id).outputs.model_outputs
+    assert len(outputs) == 2 and {o.step for o in outputs} == {3}
+    tracker.finish()
