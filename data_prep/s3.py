@@ -24,6 +24,7 @@ becomes one StorageError line naming the object.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import threading
@@ -44,6 +45,10 @@ from obstore.exceptions import (
 from obstore.store import S3Store
 
 from .storage import ObjectMissing, Storage, StorageError, WriteConflict
+
+# botocore logs where it found the endpoint and the credentials at INFO, on every open.
+for _name in ("botocore.configprovider", "botocore.credentials"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 RETRIES_ENV = "ZEROFORGE_S3_RETRIES"
 DEFAULT_RETRIES = 5

@@ -109,7 +109,7 @@ class ArrayReader:
             raise StoreError(f"{label}: shard object is missing ({self.storage.url(key)})")
         if size < self.index_size:
             raise StoreError(f"{label}: shard object is truncated ({size} bytes)")
-        cache_key = f"{k}/index"
+        cache_key = f"{self.key}/{k}/index"
         cached = self.cache.get(cache_key) if self.cache is not None else None
         if cached is not None:
             try:
@@ -196,14 +196,14 @@ class ArrayReader:
                 check_crc32c(shard.mapped[offset:offset + nbytes], what)
                 shard.verified[c] = True
             return shard.mapped, offset
-        buf = self.cache.get(f"{k}/{c}")
+        buf = self.cache.get(f"{self.key}/{k}/{c}")
         if buf is None or len(buf) != nbytes:
             buf = self._fetch(k, [c])[c]
         elif not shard.verified[c]:
             try:
                 check_crc32c(bytes(buf), what)
             except StoreError:  # a damaged cache file: the object itself decides
-                self.cache.drop(f"{k}/{c}")
+                self.cache.drop(f"{self.key}/{k}/{c}")
                 buf = self._fetch(k, [c])[c]
             shard.verified[c] = True
         return buf, 0
@@ -222,7 +222,7 @@ class ArrayReader:
                         pending.result()
                     except Exception:  # fetched again below; that read reports what fails
                         pass
-                if self.cache.get(f"{k}/{c}") is None:
+                if self.cache.get(f"{self.key}/{k}/{c}") is None:
                     missing.append(c)
             if missing:
                 self._fetch(k, missing)
@@ -249,7 +249,7 @@ class ArrayReader:
                 off, n = int(shard.index[c, 0]) - start, int(shard.index[c, 1])
                 chunk = data[off:off + n]
                 check_crc32c(chunk, f"{self._shard_label(k)} chunk {c}")
-                got[c] = self.cache.put(f"{k}/{c}", chunk)
+                got[c] = self.cache.put(f"{self.key}/{k}/{c}", chunk)
                 shard.verified[c] = True
         return got
 
@@ -271,7 +271,7 @@ class ArrayReader:
         futures = [self._inflight[(k, c)] for c in todo]
         try:
             self.shard(k)
-            missing = [c for c in todo if self.cache.get(f"{k}/{c}") is None]
+            missing = [c for c in todo if self.cache.get(f"{self.key}/{k}/{c}") is None]
             if missing:
                 self._fetch(k, missing)
             error = None

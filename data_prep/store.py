@@ -125,8 +125,12 @@ class SplitReader:
     @cached_property
     def doc_offsets(self) -> np.ndarray:
         where = f"{self.store.path}/{self.name}/doc_offsets"
-        self._offsets.require(0, self.n_docs + 1)
-        offsets = self._offsets.read(0, self.n_docs + 1)
+        if self.n_docs == 0:
+            # [0] alone is all fill value, and zarr stores no chunk for that: nothing to read.
+            offsets = np.zeros(1, dtype=np.int64)
+        else:
+            self._offsets.require(0, self.n_docs + 1)
+            offsets = self._offsets.read(0, self.n_docs + 1)
         expected = self.store.attrs["checksums"][self.name]["doc_offsets"]
         if f"{crc32(offsets):08x}" != expected:
             raise StoreError(f"{where}: checksum mismatch")

@@ -154,7 +154,7 @@ def test_finalize_refuses_a_missing_part(zf, corpus, tmp_path):
 def test_finalize_refuses_an_unfinished_part(zf, corpus, tmp_path):
     out = tmp_path / "multi"
     _parts(zf, _inputs(corpus, None), out, 3)
-    unfinished = part_dir(out, 1, 3)
+    unfinished = Path(part_dir(out, 1, 3))
     set_root_attrs(unfinished, complete=False)
     r = zf("prep", "--finalize", out)
     assert r.rc == 2 and "part-00001-of-00003" in r.err and "not finished" in r.err
