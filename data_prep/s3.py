@@ -246,12 +246,14 @@ class S3Storage(Storage):
 
 
 def _reason(exc: Exception) -> str:
-    """obstore's message, which spans many lines with a debug dump, as one short line."""
+    """obstore's message, which spans many lines with a debug dump, as one short line: the HTTP
+    status and the server's error code and message when there is one."""
     text = str(exc)
     fields = dict(_XML_FIELD.findall(text))
-    head = text.split("Debug source")[0]
-    head = " ".join(head.split())
-    head = re.sub(r"<\?xml.*", "", head).strip(" :")
-    if fields:
-        head += " (" + ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v) + ")"
-    return head[:400]
+    status = re.search(r"status code: (\d{3}[A-Za-z ]*)", text)
+    if status:
+        detail = ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v)
+        return status.group(1).strip() + (f" ({detail})" if detail else "")
+    head = " ".join(text.split("Debug source")[0].split())
+    head = re.sub(r"Error performing \S+ \S+ in \S+ - ", "", head)
+    return head.strip(" :")[:300]

@@ -267,9 +267,11 @@ class TokenStore:
         )
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Wait for background fetches and stop their threads (reading later starts new ones)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _array_shape(storage: Storage, key: str, shard_len: int, chunk_len: int) -> int:

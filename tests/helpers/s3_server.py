@@ -70,6 +70,8 @@ class S3Server:
             # No ~/.aws files of the machine running the tests may leak in.
             "AWS_CONFIG_FILE": os.devnull,
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            # Never ask a cloud's instance-metadata address for credentials.
+            "AWS_EC2_METADATA_DISABLED": "true",
         }
 
     def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,7 +157,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 class FaultProxy:
     """A TCP proxy in front of ``upstream`` (host, port). ``reset_responses(n, after)`` makes the
     next ``n`` connections that carry response bytes reset (RST) after ``after`` bytes of the
-    response have been forwarded; ``reset_responses(-1, after)`` does it to every connection."""
+    response have been forwarded; ``reset_responses(-1, after)`` does it to every connection.
+    Connections open when the faults are set are reset at once, so a client's pooled
+    keep-alive connections cannot dodge them."""
 
     upstream: tuple[str, int]
     port: int = field(default_factory=free_port)
@@ -164,6 +168,7 @@ class FaultProxy:
     _after: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _live: set = field(default_factory=set)
 
     @property
     def endpoint(self) -> str:
@@ -172,6 +177,9 @@ class FaultProxy:
     def reset_responses(self, n: int, after: int = 1000) -> None:
         with self._lock:
             self._left, self._after = n, after
+            live, self._live = list(self._live), set()
+        for s in live:
+            _reset(s)
 
     def start(self) -> FaultProxy:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -206,6 +214,8 @@ class FaultProxy:
             except OSError:
                 client.close()
                 continue
+            with self._lock:
+                self._live.update((client, server))
             threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
