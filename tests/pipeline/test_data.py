@@ -395,3 +395,28 @@ def test_val_without_val_tokens_says_what_to_do(tmp_path):
     cfg = DataConfig(store=str(tmp_path / "s"), seq_len=4)
     with pytest.raises(ValueError, match="data.val_windows: 0"):
         eval_batches(gpt(cfg), 2, 0, 1)
+
+
+def test_a_mixture_with_a_store_on_s3_gives_the_batches_of_the_local_one(stores, s3_server,
+                                                                         monkeypatch, tmp_path):
+    """Store b copied into a bucket of a real S3 server: the mixture reads the same batches, in
+    the same order, with the loader's read-ahead fetching b's chunks before they are needed."""
+    from pathlib import Path
+
+    from zeroforge.data_prep.storage import open_storage
+
+    s3_server.use(monkeypatch)
+    monkeypatch.setenv("ZEROFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    url = s3_server.new_bucket() + "/b"
+    remote, root = open_storage(url), Path(stores["b"])
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        remote.write(f.relative_to(root).as_posix(), f.read_bytes())
+    on_s3 = DataConfig(mixture=[{"store": stores["a"], "weight": 0.75},
+                                {"store": url, "weight": 0.25}], seq_len=SEQ)
+    with TrainLoader(gpt(_mixture(stores)), 2, 2, 0, 1, seed=5) as ld:
+        want = _take(ld, 12)
+    with TrainLoader(gpt(on_s3), 2, 2, 0, 1, seed=5) as ld:
+        got = _take(ld, 12)
+        assert not ld.windows.stores[1].local
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
