@@ -33,6 +33,8 @@ from .storage import ObjectMissing, Storage, StorageError
 
 MISSING = 2**64 - 1  # shard-index entry of an absent chunk
 CRC_BYTES = 4
+# Checked chunks a reader keeps at hand (views of maps, or of the cache's buffers), in bytes.
+MAX_HOT_BYTES = 256 * 2**20
 
 
 class StoreError(ValueError):
@@ -73,6 +75,9 @@ class ArrayReader:
         self._sizes: dict[str, int] | None = None  # remote: shard object sizes, one LIST
         self._lock = threading.Lock()
         self._inflight: dict[tuple[int, int], Future] = {}
+        # Checked chunks this process can read at once: (buffer, offset of the chunk in it).
+        self._hot: dict[tuple[int, int], tuple[Any, int]] = {}
+        self._hot_bytes = 0
 
     def after_fork(self) -> None:
         # A forked child (e.g. a DataLoader worker) must not share locks, threads or maps' state.
@@ -155,28 +160,29 @@ class ArrayReader:
     # -- reads ------------------------------------------------------------------------------
     def read(self, a: int, b: int) -> np.ndarray:
         """Elements [a, b), a writable copy."""
-        if self.remote:
-            self._ensure(a, b)
         out, pos = [], a
         while pos < b:
             k, within = divmod(pos, self.shard_len)
             c, start = divmod(within, self.chunk_len)
             stop = min(self.chunk_len, start + (b - pos))
-            out.append(self._elements(k, c, start, stop))
+            out.append(self._elements(k, c, start, stop, b - pos))
             pos += stop - start
         if len(out) == 1:
             return out[0].copy()  # frombuffer views are read-only
         return np.concatenate(out) if out else np.empty(0, dtype=self.dtype)
 
-    def _elements(self, k: int, c: int, start: int, stop: int) -> np.ndarray:
-        shard = self._shards.get(k) or self.shard(k)
+    def _elements(self, k: int, c: int, start: int, stop: int, left: int) -> np.ndarray:
         if self.codec == "none":
-            buf, base = self._chunk_bytes(shard, k, c)
+            hot = self._hot.get((k, c))
+            if hot is None:  # first touch in this process: check it (and fetch it, remote)
+                hot = self._load(k, c, start, left)
+            buf, base = hot
             return np.frombuffer(buf, dtype=self.dtype, count=stop - start,
                                  offset=base + start * self.dtype.itemsize)
+        shard = self._shards.get(k) or self.shard(k)
         chunk = shard.decoded.get(c)
         if chunk is None:
-            buf, base = self._chunk_bytes(shard, k, c)
+            buf, base = self._load(k, c, start, left)
             n = int(shard.index[c, 1])
             payload = bytes(buf[base:base + n - CRC_BYTES])
             chunk = np.frombuffer(zstandard.ZstdDecompressor().decompress(payload), dtype=self.dtype)
@@ -184,6 +190,20 @@ class ArrayReader:
                 shard.decoded.pop(next(iter(shard.decoded)))
             shard.decoded[c] = chunk
         return chunk[start:stop]
+
+    def _load(self, k: int, c: int, start: int, left: int) -> tuple[Any, int]:
+        """Chunk c of shard k, checked, for the read of ``left`` elements from ``start`` in it:
+        a remote read first fetches every missing chunk of the rest of the read, coalesced."""
+        if self.remote:
+            a = k * self.shard_len + c * self.chunk_len + start
+            self._ensure(a, a + left)
+        shard = self._shards.get(k) or self.shard(k)
+        hot = self._chunk_bytes(shard, k, c)
+        self._hot_bytes += int(shard.index[c, 1])
+        if self._hot_bytes > MAX_HOT_BYTES:  # forget them all: re-adding one is a dict lookup
+            self._hot, self._hot_bytes = {}, int(shard.index[c, 1])
+        self._hot[(k, c)] = hot
+        return hot
 
     def _chunk_bytes(self, shard: _Shard, k: int, c: int) -> tuple[Any, int]:
         """(buffer, offset of chunk c's bytes in it), the chunk's CRC checked once."""
