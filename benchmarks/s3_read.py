@@ -37,12 +37,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.helpers: the S3 server
 
-from tests.helpers.s3_server import running_s3_server  # noqa: E402
 from zeroforge.data_prep.build import PrepOptions, build_store  # noqa: E402
 from zeroforge.data_prep.cache import CacheOptions  # noqa: E402
-from zeroforge.data_prep.storage import open_storage  # noqa: E402
+from zeroforge.data_prep.locations import open_storage  # noqa: E402
 from zeroforge.data_prep.store import Layout, TokenStore  # noqa: E402
 from zeroforge.pipeline.tracking.metrics_file import read_metrics  # noqa: E402
+
+from tests.helpers.s3_server import running_s3_server  # noqa: E402
 
 WINDOW = 1025
 

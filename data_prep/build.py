@@ -21,9 +21,10 @@ import numpy as np
 import zarr
 
 from . import __version__
+from .locations import open_storage
 from .progress import Progress
 from .sources import Record, SourceOptions, expand_inputs, partition, read_records
-from .storage import Storage, StorageError, open_storage
+from .storage import Storage, StorageError
 from .store import FORMAT_NAME, FORMAT_VERSION, SPLITS, Layout, create_split_arrays
 from .tokenize import BatchEncoder, get_encoding, token_dtype
 from .writer import BuildDir, Ledger, SplitState, SplitWriter, truncate_array

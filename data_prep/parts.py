@@ -22,7 +22,8 @@ import zarr
 from .build import PrepError, config_hash
 from .cache import CacheOptions
 from .checksum import crc32_combine
-from .storage import ObjectMissing, Storage, StorageError, join, open_storage
+from .locations import open_storage
+from .storage import ObjectMissing, Storage, StorageError, join
 from .store import SPLITS, Layout, StoreError, TokenStore, create_split_arrays
 from .writer import ArrayAppender, Claim
 

@@ -2,9 +2,8 @@
 
 The store's format logic (the writer and its ledger, multi-part finalize, the reader, verify)
 speaks only to `Storage`: whole-object reads and writes, ranged reads, listing, deletes, moves,
-and the one conditional write that build claims rest on (`write_if`). `open_storage` turns
-what the user typed (`--out`, `data.store`, ...) into one, and refuses any URL scheme it does not
-handle with one line, so `s3://b/x` never becomes a local folder `s3:/b/x`.
+and the one conditional write that build claims rest on (`write_if`). `LocalStorage` is a
+directory; s3.py has the S3 one; locations.py turns what the user typed into one of them.
 
 Keys are relative to the store root and always use `/` (`train/tokens/c/3`).
 """
@@ -24,7 +23,6 @@ import zarr.storage
 from . import atomic
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-SCHEMES = ("s3",)  # besides plain paths and file://
 
 
 class StorageError(ValueError):
@@ -45,52 +43,11 @@ def url_scheme(location: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def location_problem(location: str, what: str) -> str | None:
-    """Why ``location`` cannot be a store location (one line naming ``what``), else None."""
-    scheme = url_scheme(location)
-    if scheme is None or scheme == "file":
-        return None
-    if scheme not in SCHEMES:
-        return (f"{what}: URL scheme '{scheme}://' is not supported ({location}); "
-                f"use a local path or s3://BUCKET/PREFIX")
-    if scheme == "s3":
-        bucket = location[len("s3://"):].split("/", 1)[0]
-        if len(bucket) < 3:
-            return f"{what}: {location} has no bucket name (expected s3://BUCKET/PREFIX)"
-    return None
-
-
-def local_path_problem(value: str, what: str) -> str | None:
-    """Why ``value`` cannot be a local path (it is a URL), else None: for settings that are
-    local only (run directories, checkpoints), so a URL is refused instead of becoming a folder."""
-    scheme = url_scheme(value)
-    if scheme is None:
-        return None
-    return f"{what}: must be a local path, got the URL {value} ('{scheme}://' is not supported here)"
-
-
 def join(location: str, *parts: str) -> str:
     """``location`` with path parts appended, for plain paths and URLs alike."""
     if url_scheme(location) is None:
         return os.path.join(location, *parts)
     return "/".join([location.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def open_storage(location: str | os.PathLike[str]) -> Storage:
-    """The storage at ``location``: a local directory, file://PATH, or s3://BUCKET/PREFIX."""
-    location = os.fspath(location)
-    problem = location_problem(location, "store location")
-    if problem:
-        raise StorageError(problem)
-    scheme = url_scheme(location)
-    if scheme == "s3":
-        # Imported here: obstore and botocore cost ~0.25 s that local stores never need to pay.
-        from .s3 import S3Storage
-
-        return S3Storage(location)
-    if scheme == "file":
-        return LocalStorage(Path(location[len("file://"):]), location)
-    return LocalStorage(Path(location), location)
 
 
 class Storage:

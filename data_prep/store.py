@@ -33,8 +33,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .cache import CacheOptions
 from .checksum import crc32
+from .locations import open_storage
 from .shards import ArrayReader, StoreError
-from .storage import ObjectMissing, Storage, StorageError, open_storage
+from .storage import ObjectMissing, Storage, StorageError
 
 FORMAT_NAME = "zeroforge-token-store"
 FORMAT_VERSION = 1

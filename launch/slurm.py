@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from zeroforge.data_prep.locations import location_problem
 from zeroforge.data_prep.sources import expand_inputs
-from zeroforge.data_prep.storage import location_problem, url_scheme
+from zeroforge.data_prep.storage import url_scheme
 from zeroforge.launch.commands import prep as prep_command
 from zeroforge.pipeline.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from zeroforge.pipeline.errors import (

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
-from zeroforge.data_prep.storage import local_path_problem
+from zeroforge.data_prep.locations import local_path_problem
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError

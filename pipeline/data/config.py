@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 from zeroforge.data_prep.cache import CacheOptions
-from zeroforge.data_prep.storage import location_problem
+from zeroforge.data_prep.locations import location_problem
 from zeroforge.pipeline.section import Section
 
 

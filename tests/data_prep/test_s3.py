@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from zeroforge.data_prep.build import build_store
 from zeroforge.data_prep.cache import CacheOptions, DiskCache
-from zeroforge.data_prep.storage import StorageError, WriteConflict, open_storage
+from zeroforge.data_prep.locations import open_storage
+from zeroforge.data_prep.storage import StorageError, WriteConflict
 from zeroforge.data_prep.store import StoreError, TokenStore
 from zeroforge.data_prep.verify import verify_store
 from zeroforge.data_prep.writer import BuildDir, Ledger

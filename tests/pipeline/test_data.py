@@ -403,7 +403,7 @@ def test_a_mixture_with_a_store_on_s3_gives_the_batches_of_the_local_one(stores,
     the same order, with the loader's read-ahead fetching b's chunks before they are needed."""
     from pathlib import Path
 
-    from zeroforge.data_prep.storage import open_storage
+    from zeroforge.data_prep.locations import open_storage
 
     s3_server.use(monkeypatch)
     monkeypatch.setenv("ZEROFORGE_CACHE_DIR", str(tmp_path / "cache"))

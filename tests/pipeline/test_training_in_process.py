@@ -75,7 +75,7 @@ def test_training_from_s3_gives_the_same_losses_as_from_disk(store, device, tmp_
                                                               monkeypatch):
     """The same store, on local disk and in a bucket of a real S3 server: bitwise the same
     losses and weights (the read-ahead, the chunk cache and the ranged GETs change nothing)."""
-    from zeroforge.data_prep.storage import open_storage
+    from zeroforge.data_prep.locations import open_storage
 
     s3_server.use(monkeypatch)
     monkeypatch.setenv("ZEROFORGE_CACHE_DIR", str(tmp_path / "cache"))
