@@ -85,6 +85,40 @@ def _train(store: str, run_dir: Path, steps: int, env: dict[str, str]) -> dict:
             "loss": [r["train/loss"] for r in rows]}
 
 
+def _reads(url: str, here, work: Path, args, rng) -> None:
+    """Bytes fetched from a cold cache, then warm-cache windows/s against the local reader."""
+    n = here.n_tokens
+    # Bytes fetched, cold cache: one epoch in a random order; then sparse windows.
+    cold = TokenStore.open(url, cache=CacheOptions(dir=str(work / "cache-epoch"), gb=10))
+    starts = rng.permutation(n // (WINDOW - 1)) * (WINDOW - 1)
+    starts = starts[starts + WINDOW <= n]
+    split = cold.split("train")
+    fetched, gets, dt = _fetched(cold, lambda: [split.tokens(int(s), int(s) + WINDOW)
+                                                for s in starts])
+    read = len(starts) * WINDOW * 2
+    print(f"cold, one epoch ({len(starts):,} windows, random order): fetched "
+          f"{fetched / 1e6:.1f} MB in {gets:,} GETs for {read / 1e6:.1f} MB of windows: "
+          f"ratio {fetched / read:.3f}; {len(starts) / dt:,.0f} windows/s")
+    sparse = TokenStore.open(url, cache=CacheOptions(dir=str(work / "cache-sparse"), gb=10))
+    few = rng.integers(0, n - WINDOW, args.sparse)
+    ssplit = sparse.split("train")
+    fetched, gets, dt = _fetched(sparse, lambda: [ssplit.tokens(int(s), int(s) + WINDOW)
+                                                  for s in few])
+    read = len(few) * WINDOW * 2
+    print(f"cold, {len(few):,} random windows: fetched {fetched / 1e6:.1f} MB in {gets:,} GETs "
+          f"for {read / 1e6:.1f} MB of windows: ratio {fetched / read:.2f}")
+
+    # Warm cache vs the local reader.
+    here.tokens(0, n)  # first touch checks every chunk once: not timed
+    split.tokens(0, n)
+    print(f"{'reader':<24} {'windows/s':>10}")
+    for rnd in range(3):
+        starts = rng.integers(0, n - WINDOW, args.windows)
+        base, ours = _rate(here, starts), _rate(split, starts)
+        print(f"{'local':<24} {base:>10,.0f}\n{'s3, warm cache':<24} {ours:>10,.0f}   "
+              f"ratio {ours / base:.2f} (round {rnd + 1})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +129,7 @@ def main() -> None:
     ap.add_argument("--shard-tokens", type=int, default=2**20)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-reads", action="store_true")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="zf-bench-s3-"))
     local = work / "store"
@@ -114,36 +149,8 @@ def main() -> None:
         print(f"store: {n:,} train tokens, {sum(1 for _ in local.rglob('c/*'))} shard objects, "
               f"shards of {args.shard_tokens:,} tokens, chunks of {Layout().chunk_tokens:,}")
 
-        # Bytes fetched, cold cache: one epoch in a random order; then sparse windows.
-        cold = TokenStore.open(url, cache=CacheOptions(dir=str(work / "cache-epoch"), gb=10))
-        starts = rng.permutation(n // (WINDOW - 1)) * (WINDOW - 1)
-        starts = starts[starts + WINDOW <= n]
-        split = cold.split("train")
-        fetched, gets, dt = _fetched(cold, lambda: [split.tokens(int(s), int(s) + WINDOW)
-                                                    for s in starts])
-        read = len(starts) * WINDOW * 2
-        print(f"cold, one epoch ({len(starts):,} windows, random order): fetched "
-              f"{fetched / 1e6:.1f} MB in {gets:,} GETs for {read / 1e6:.1f} MB of windows: "
-              f"ratio {fetched / read:.3f}; {len(starts) / dt:,.0f} windows/s")
-        sparse = TokenStore.open(url, cache=CacheOptions(dir=str(work / "cache-sparse"), gb=10))
-        few = rng.integers(0, n - WINDOW, args.sparse)
-        ssplit = sparse.split("train")
-        fetched, gets, dt = _fetched(sparse, lambda: [ssplit.tokens(int(s), int(s) + WINDOW)
-                                                      for s in few])
-        read = len(few) * WINDOW * 2
-        print(f"cold, {len(few):,} random windows: fetched {fetched / 1e6:.1f} MB in {gets:,} GETs "
-              f"for {read / 1e6:.1f} MB of windows: ratio {fetched / read:.2f}")
-
-        # Warm cache vs the local reader.
-        here.tokens(0, n)  # first touch checks every chunk once: not timed
-        split.tokens(0, n)
-        print(f"{'reader':<24} {'windows/s':>10}")
-        for rnd in range(3):
-            starts = rng.integers(0, n - WINDOW, args.windows)
-            base, ours = _rate(here, starts), _rate(split, starts)
-            print(f"{'local':<24} {base:>10,.0f}\n{'s3, warm cache':<24} {ours:>10,.0f}   "
-                  f"ratio {ours / base:.2f} (round {rnd + 1})")
-
+        if not args.skip_reads:
+            _reads(url, here, work, args, rng)
         if not args.skip_train:
             env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
             results = {}

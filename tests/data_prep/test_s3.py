@@ -427,3 +427,10 @@ def test_two_builds_at_once_on_one_s3_store(s3, tmp_path):
     # what is left is exactly the clean store, complete.
     assert 0 in codes, [log.read_text()[-2000:] for log in logs]
     assert _objects(url) == _local_files(clean)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/corpus.jsonl", "gs://bucket/c.txt"])
+def test_input_urls_are_refused_not_read_as_local_paths(zf, tmp_path, url):
+    r = zf("prep", url, "--out", tmp_path / "out", *TINY_CLI)
+    assert r.rc == 2 and "not URLs" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
