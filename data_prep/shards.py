@@ -74,6 +74,7 @@ class ArrayReader:
         self._shards: dict[int, _Shard] = {}
         self._sizes: dict[str, int] | None = None  # remote: shard object sizes, one LIST
         self._lock = threading.Lock()
+        self._opening: dict[int, threading.Lock] = {}
         self._inflight: dict[tuple[int, int], Future] = {}
         # Checked chunks this process can read at once: (buffer, offset of the chunk in it).
         self._hot: dict[tuple[int, int], tuple[Any, int]] = {}
@@ -86,12 +87,15 @@ class ArrayReader:
     # -- shards and their indexes -----------------------------------------------------------
     def shard(self, k: int) -> _Shard:
         s = self._shards.get(k)
-        if s is None:
-            with self._lock:
-                s = self._shards.get(k)
-                if s is None:
-                    s = self._open_shard(k)
-                    self._shards[k] = s
+        if s is not None:
+            return s
+        with self._lock:  # one lock per shard: indexes of different shards load in parallel
+            opening = self._opening.setdefault(k, threading.Lock())
+        with opening:
+            s = self._shards.get(k)
+            if s is None:
+                s = self._open_shard(k)
+                self._shards[k] = s
         return s
 
     def _shard_label(self, k: int) -> str:
@@ -137,12 +141,19 @@ class ArrayReader:
 
     def _object_sizes(self) -> dict[str, int]:
         if self._sizes is None:
-            self._sizes = self.storage.list(f"{self.key}/c/")
+            with self._lock:
+                if self._sizes is None:
+                    self._sizes = self.storage.list(f"{self.key}/c/")
         return self._sizes
 
     def require(self, a: int, b: int) -> None:
         """Every chunk holding elements [a, b) is present (zarr would return zeros for it)."""
-        for k, c0, c1 in self._chunk_runs(a, b):
+        runs = list(self._chunk_runs(a, b))
+        if self.remote and self._pool is not None and len(runs) > 1:
+            # One ranged GET per shard index, many in flight (a store may have thousands).
+            for _ in self._pool().map(self.shard, [k for k, _, _ in runs]):
+                pass
+        for k, c0, c1 in runs:
             index = self.shard(k).index
             missing = np.nonzero(index[c0:c1 + 1, 0] == MISSING)[0]
             if len(missing):
