@@ -192,7 +192,9 @@ class LocalStorage(Storage):
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
-            self._path(key).unlink(missing_ok=True)
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            path.with_name(f".{path.name}.lock").unlink(missing_ok=True)  # write_if's, if any
 
     def delete_prefix(self, prefix: str = "") -> None:
         base = self._path(prefix.rstrip("/"))

@@ -229,3 +229,13 @@ def test_interrupted_finalize_resumes(zf, corpus, tmp_path, monkeypatch):
     r = zf("prep", "--finalize", out)
     assert r.rc == 0, r.text
     assert_reads_like(out, tmp_path / "single", random.Random(5))
+
+
+def test_finalize_leaves_only_the_store(zf, corpus, tmp_path):
+    """No plan, no lock file, no parts: the stitched store has the files of a single build
+    (the token shards of each part are renumbered into place)."""
+    out = tmp_path / "multi"
+    _parts(zf, _inputs(corpus, None), out, 2)
+    assert zf("prep", "--finalize", out).rc == 0
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert not [n for n in names if n.startswith(("parts/", "_finalize", "."))], names
