@@ -117,12 +117,17 @@ class TrainLoader:
         store, _, window = self.order.locate(g)
         return self.task.batch(self.windows.windows(store, window), g, self.seed, TRAIN_STREAM)
 
-    def _read_ahead(self, step: int) -> None:
+    def step_windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(store, window) of every sample this rank reads at global step ``step`` (counted
+        from where this iteration started), in the order it reads them."""
+        ids = np.concatenate([self._micro_ids(step, m) for m in range(self.grad_accum)])
+        store, _, window = self.order.locate(ids)
+        return store, window
+
+    def read_ahead(self, step: int) -> None:
         """Ask the stores for this rank's windows of ``step``: the global order says exactly
         which they are, so a remote store fetches them before they are needed."""
-        for micro in range(self.grad_accum):
-            store, _, window = self.order.locate(self._micro_ids(step, micro))
-            self.windows.prefetch(store, window)
+        self.windows.prefetch(*self.step_windows(step))
 
     # -- state ------------------------------------------------------------------------------
 
@@ -194,13 +199,15 @@ class TrainLoader:
                     continue
             return False
 
-        ahead = self.cfg.readahead_steps
+        # Local stores are mapped files: nothing to fetch ahead, so no hints to compute.
+        remote = any(not s.local for s in self.windows.stores)
+        ahead = self.cfg.readahead_steps if remote else 0
         try:
             for step in range(start_step, start_step + ahead):
-                self._read_ahead(step)
+                self.read_ahead(step)
             for step in itertools.count(start_step):
                 if ahead:
-                    self._read_ahead(step + ahead)
+                    self.read_ahead(step + ahead)
                 for micro in range(self.grad_accum):
                     if not put(self._make(step, micro)):
                         return
