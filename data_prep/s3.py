@@ -150,6 +150,8 @@ class S3Storage(Storage):
         if "error sending request" in reason or "onnection refused" in reason:
             return StorageError(f"{url}: cannot reach the S3 endpoint {self.endpoint} "
                                 f"({self.retries} retries): {reason}")
+        if re.match(r"4\d\d ", reason):  # the server's answer, not a fault worth retrying
+            return StorageError(f"{url}: {op} refused by {self.endpoint}: {reason}")
         return StorageError(f"{url}: {op} failed after {self.retries} retries: {reason}")
 
     def _count(self, nbytes: int) -> None:

@@ -434,3 +434,10 @@ def test_input_urls_are_refused_not_read_as_local_paths(zf, tmp_path, url):
     r = zf("prep", url, "--out", tmp_path / "out", *TINY_CLI)
     assert r.rc == 2 and "not URLs" in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bucket_that_does_not_exist_is_named(zf, s3, corpus):
+    r = zf("prep", str(corpus.root), "--out", "s3://no-such-bucket-zf/x", *TINY_CLI)
+    assert r.rc == 1
+    (line,) = r.err.strip().splitlines()
+    assert "NoSuchBucket" in line and "s3://no-such-bucket-zf/x" in line and "retries" not in line
