@@ -241,13 +241,14 @@ class FaultProxy:
             pass
         finally:
             for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
                 s.close()
 
 
 def _reset(s: socket.socket) -> None:
-    """Close with RST instead of FIN: what a dropped connection looks like to the peer."""
+    """Close with RST instead of FIN: what a dropped connection looks like to the peer. The
+    read shutdown wakes the other pump thread's recv() on this socket; until that returns the
+    kernel would keep the socket open, and the peer would only notice at its read timeout."""
     with contextlib.suppress(OSError):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        s.close()
+        s.shutdown(socket.SHUT_RD)
+    s.close()
