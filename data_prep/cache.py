@@ -146,8 +146,12 @@ class DiskCache(ChunkCache):
         path = self.dir / key
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:  # a full disk, or another process clearing the cache: still usable
+            tmp.unlink(missing_ok=True)
+            return data
         with self._lock:
             self._written += len(data)
             scan = self._written >= self.max_bytes // 10
@@ -185,6 +189,8 @@ def _files(root: Path) -> list[tuple[float, int, Path]]:
     out = []
     for dirpath, _, names in os.walk(root):
         for name in names:
+            if name.startswith("."):  # a file being written: its writer renames it soon
+                continue
             path = Path(dirpath, name)
             try:
                 st = path.stat()

@@ -120,20 +120,22 @@ class ArrayReader:
             raise StoreError(f"{label}: shard object is truncated ({size} bytes)")
         cache_key = f"{self.key}/{k}/index"
         cached = self.cache.get(cache_key) if self.cache is not None else None
+        index = None
         if cached is not None:
             try:
-                return _Shard(self._parse_index(bytes(cached), label), None)
+                index = self._parse_index(bytes(cached), label)
             except StoreError:
                 self.cache.drop(cache_key)  # a bad cache file: fetch the index again
-        raw = self.storage.read_range(key, size - self.index_size, self.index_size)
-        shard = _Shard(self._parse_index(raw, label), None)
-        if self.cache is not None:
-            self.cache.put(cache_key, raw)
-        ends = shard.index[:, 0] + shard.index[:, 1]
-        present = shard.index[:, 0] != MISSING
-        if present.any() and int(ends[present].max()) > size - self.index_size:
+        if index is None:
+            raw = self.storage.read_range(key, size - self.index_size, self.index_size)
+            index = self._parse_index(raw, label)
+            cached = None
+        present = index[:, 0] != MISSING
+        if present.any() and int((index[:, 0] + index[:, 1])[present].max()) > size - self.index_size:
             raise StoreError(f"{label}: shard object is truncated ({size} bytes)")
-        return shard
+        if cached is None and self.cache is not None:
+            self.cache.put(cache_key, raw)
+        return _Shard(index, None)
 
     def _parse_index(self, raw: bytes, label: str) -> np.ndarray:
         check_crc32c(raw, f"{label}: shard index")
