@@ -144,9 +144,9 @@ class DiskCache(ChunkCache):
 
     def put(self, key: str, data: bytes):
         path = self.dir / key
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError:  # a full disk, or another process clearing the cache: still usable
