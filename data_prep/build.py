@@ -11,19 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
 from . import __version__
+from .locations import open_storage
 from .progress import Progress
 from .sources import Record, SourceOptions, expand_inputs, partition, read_records
+from .storage import Storage, StorageError
 from .store import FORMAT_NAME, FORMAT_VERSION, SPLITS, Layout, create_split_arrays
 from .tokenize import BatchEncoder, get_encoding, token_dtype
 from .writer import BuildDir, Ledger, SplitState, SplitWriter, truncate_array
@@ -148,25 +149,25 @@ def _root_attrs(
     }
 
 
-def _existing_config_hash(out: Path, build_dir: BuildDir) -> str | None:
+def _existing_config_hash(storage: Storage, build_dir: BuildDir) -> str | None:
     if build_dir.exists():
-        return json.loads(build_dir.ledger_path.read_text()).get("config_hash")
-    root = out / "zarr.json"
-    if root.is_file():
+        return build_dir.config_hash()
+    if storage.exists("zarr.json"):
         try:
-            return json.loads(root.read_text()).get("attributes", {}).get("prep_config_hash", "?")
-        except json.JSONDecodeError:
+            return json.loads(storage.read("zarr.json")).get("attributes", {}).get("prep_config_hash", "?")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             return "?"
     return None
 
 
 def build_store(
     inputs: Sequence[str],
-    out: str | Path,
+    out: str | os.PathLike[str],
     options: PrepOptions = PrepOptions(),
     part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Build (or resume, or confirm) the token store at `out`. Returns the root attributes.
+    """Build (or resume, or confirm) the token store at `out` (a local path or
+    s3://BUCKET/PREFIX). Returns the root attributes.
 
     `part=(i, k)` builds part i of k of the ordered input into `out` (see parts.py).
     """
@@ -175,82 +176,97 @@ def build_store(
         raise PrepError("; ".join(problems))
     if not inputs:
         raise PrepError("no inputs given")
-    out = Path(out)
+    try:
+        storage = open_storage(out)
+    except StorageError as exc:
+        raise PrepError(f"--out: {exc}") from None
     enc = get_encoding(options.tokenizer)
     units = expand_inputs(inputs)
     if part is not None:
         units = partition(units, part[1])[part[0]]
     content = options.content_config(inputs, part)
-    build_dir = BuildDir(out)
-    done = _check_existing(out, build_dir, config_hash(content), options.overwrite)
-    if done is not None:
-        log.info("%s is already complete with these settings: nothing to do", out)
-        return done
-    # Workers fork from here, before zarr starts its event-loop thread.
+    # Workers fork from here, before zarr or the S3 client start threads.
     with BatchEncoder(options.tokenizer, options.workers) as encoder:
-        group, ledger, writers = _open_for_append(out, build_dir, content, enc, options.layout)
-        _run(units, options, encoder, ledger, writers, build_dir)
-    if sum(w.n_docs for w in writers.values()) == 0 and part is None:  # an empty part is fine
-        shutil.rmtree(out, ignore_errors=True)
-        raise PrepError(f"no documents in {', '.join(inputs)} ({sum(ledger.skipped.values())} records skipped)")
-    for w in writers.values():
-        w.finish()
-    final = {name: w.state() for name, w in writers.items()}
-    attrs = _root_attrs(content, enc, token_dtype(enc.n_vocab), ledger, final, complete=True)
-    # The completion flag goes last: a kill before this line leaves a store readers refuse.
-    group.attrs.update(attrs)
+        build_dir = BuildDir(storage)
+        done = _check_existing(storage, build_dir, config_hash(content), options.overwrite)
+        if done is not None:
+            log.info("%s is already complete with these settings: nothing to do", storage.location)
+            return done
+        group, ledger, writers = _open_for_append(storage, build_dir, content, enc, options.layout)
+        if ledger.final_attrs is None:
+            _run(units, options, encoder, ledger, writers, build_dir)
+    if ledger.final_attrs is None:
+        if sum(w.n_docs for w in writers.values()) == 0 and part is None:  # an empty part is fine
+            storage.delete_prefix("")
+            raise PrepError(f"no documents in {', '.join(inputs)} ({sum(ledger.skipped.values())} records skipped)")
+        for w in writers.values():
+            w.finish()
+        final = {name: w.state() for name, w in writers.items()}
+        attrs = _root_attrs(content, enc, token_dtype(enc.n_vocab), ledger, final, complete=True)
+        build_dir.finish(ledger, attrs)
+    # The completion flag goes last, after the finished ledger: a kill before this line leaves a
+    # store readers refuse, and the rerun only writes this flag.
+    group.attrs.update(ledger.final_attrs)
     build_dir.remove()
-    return attrs
+    return ledger.final_attrs
 
 
-def _check_existing(out: Path, build_dir: BuildDir, chash: str, overwrite: bool) -> dict[str, Any] | None:
+def _check_existing(storage: Storage, build_dir: BuildDir, chash: str, overwrite: bool) -> dict[str, Any] | None:
     """The attributes of a complete store built with these settings (a no-op rerun), else None.
 
     Refuses an output built with other settings (unless overwrite) or one that is not a store.
     """
-    existing = _existing_config_hash(out, build_dir)
+    existing = _existing_config_hash(storage, build_dir)
     if existing is not None and existing != chash:
         if not overwrite:
             raise PrepError(
-                f"{out}: exists and was built with other settings; pass --overwrite to replace it, "
-                f"or choose another --out"
+                f"{storage.location}: exists and was built with other settings; pass --overwrite "
+                "to replace it, or choose another --out"
             )
-        shutil.rmtree(out)
+        storage.delete_prefix("")
         return None
     if existing is None:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise PrepError(f"{out}: exists and is not a token store; choose another --out")
+        if not storage.is_empty():
+            raise PrepError(f"{storage.location}: exists and is not a token store; choose another --out")
         return None
     if not build_dir.exists():
-        attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+        attrs = json.loads(storage.read("zarr.json"))["attributes"]
         if attrs.get("complete"):
             return attrs
         # Killed before its first ledger was written: nothing was committed, start afresh.
     return None
 
 
-def _open_for_append(out: Path, build_dir: BuildDir, content: dict[str, Any], enc, layout: Layout):
+def _open_for_append(storage: Storage, build_dir: BuildDir, content: dict[str, Any], enc, layout: Layout):
     """Create the store, or reopen an interrupted build truncated to its last commit."""
     dtype = token_dtype(enc.n_vocab)
-    if not build_dir.exists() or build_dir.load()[0].commit == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    loaded = build_dir.load() if build_dir.exists() else None
+    if loaded is None or (loaded[0].commit == 0 and loaded[0].final_attrs is None):
         ledger, tails = Ledger(config_hash(content), splits={s: SplitState() for s in SPLITS}), {}
-        group = zarr.open_group(str(out), mode="w", zarr_format=3)
+        # mode="w" clears whatever an earlier attempt left, its commit-0 ledger included.
+        group = zarr.open_group(storage.zarr_store(), mode="w", zarr_format=3)
         for name in SPLITS:
             create_split_arrays(group, name, dtype, layout)
         group.attrs.update(_root_attrs(content, enc, dtype, ledger, ledger.splits, complete=False))
         # A kill before this ledger exists leaves complete=false and no ledger: rerun restarts.
+        # Create-only: a second build that started at the same moment loses here.
         build_dir.write_initial(ledger)
     else:
-        ledger, tails = build_dir.load()
-        # zarr writes every file as NAME.<uuid>.partial then renames it: a kill leaves the tmp.
-        for torn in out.rglob("*.partial"):
-            torn.unlink()
-        group = zarr.open_group(str(out), mode="r+")
+        ledger, tails = loaded
+        # Claim the build before touching it: a build still running on it stops at its next
+        # commit, and nothing it wrote past that commit counts.
+        build_dir.take(ledger)
+        group = zarr.open_group(storage.zarr_store(), mode="r+")
+        if ledger.final_attrs is not None:  # finished: everything is in place but the flag
+            return group, ledger, {}
+        # zarr writes every local file as NAME.<uuid>.partial then renames it: a kill leaves the
+        # temporary (objects on S3 appear whole or not at all).
+        storage.delete([k for k in storage.list("") if k.endswith(".partial")])
         for name, st in ledger.splits.items():
-            truncate_array(group[name]["tokens"], st.tokens_flushed)
-            truncate_array(group[name]["doc_offsets"], st.offsets_flushed)
-        log.info("resuming %s from commit %d (%d records done)", out, ledger.commit, ledger.records_done)
+            truncate_array(group[name]["tokens"], st.tokens_flushed, storage)
+            truncate_array(group[name]["doc_offsets"], st.offsets_flushed, storage)
+        log.info("resuming %s from commit %d (%d records done)", storage.location, ledger.commit,
+                 ledger.records_done)
     writers = {
         name: SplitWriter(group, name, layout.shard_tokens, layout.offsets_shard, st, tails.get(name, {}))
         for name, st in ledger.splits.items()

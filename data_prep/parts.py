@@ -14,48 +14,58 @@ import json
 import logging
 import os
 import re
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from . import atomic
 from .build import PrepError, config_hash
+from .cache import CacheOptions
 from .checksum import crc32_combine
-from .store import SPLITS, Layout, create_split_arrays
-from .writer import ArrayAppender
+from .locations import open_storage
+from .storage import ObjectMissing, Storage, StorageError, join
+from .store import SPLITS, Layout, StoreError, TokenStore, create_split_arrays
+from .writer import ArrayAppender, Claim
 
 log = logging.getLogger(__name__)
 _PART_RE = re.compile(r"part-(\d{5})-of-(\d{5})$")
+PLAN_KEY = "_finalize.json"
 
 
-def part_dir(store: str | Path, i: int, k: int) -> Path:
-    return Path(store) / "parts" / f"part-{i:05d}-of-{k:05d}"
+def part_dir(store: str | os.PathLike[str], i: int, k: int) -> str:
+    """Where part i of k is built: STORE/parts/part-0000i-of-0000k (a path or a URL)."""
+    return join(os.fspath(store), "parts", f"part-{i:05d}-of-{k:05d}")
 
 
-def _load_parts(store: Path) -> list[tuple[Path, dict[str, Any]]]:
-    root = store / "parts"
-    dirs = sorted(d for d in root.iterdir() if _PART_RE.match(d.name)) if root.is_dir() else []
-    if not dirs:
-        raise PrepError(f"{store}: no parts to finalize under {root}")
-    k = int(_PART_RE.match(dirs[0].name).group(2))
-    found = {int(_PART_RE.match(d.name).group(1)) for d in dirs}
-    if any(int(_PART_RE.match(d.name).group(2)) != k for d in dirs) or found != set(range(k)):
+def _root_attrs(storage: Storage, key: str) -> dict[str, Any]:
+    try:
+        return json.loads(storage.read(key)).get("attributes", {})
+    except ObjectMissing:
+        return {}
+
+
+def _load_parts(storage: Storage) -> list[tuple[str, dict[str, Any]]]:
+    """(key prefix of the part, its root attributes) of every part, in order."""
+    names = sorted({key.split("/")[1] for key in storage.list("parts/") if key.count("/") >= 2
+                    and _PART_RE.match(key.split("/")[1])})
+    if not names:
+        raise PrepError(f"{storage.location}: no parts to finalize under {storage.url('parts')}")
+    k = int(_PART_RE.match(names[0]).group(2))
+    found = {int(_PART_RE.match(n).group(1)) for n in names}
+    if any(int(_PART_RE.match(n).group(2)) != k for n in names) or found != set(range(k)):
         missing = sorted(set(range(k)) - found)
-        raise PrepError(f"{store}: parts do not form one complete set of {k} (missing: {missing or 'mixed counts'})")
+        raise PrepError(f"{storage.location}: parts do not form one complete set of {k} (missing: {missing or 'mixed counts'})")
     parts = []
-    for d in dirs:
-        meta = d / "zarr.json"
-        attrs = json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else {}
-        if not attrs.get("complete") or (d / "_build").exists():
-            raise PrepError(f"{d}: this part has not finished building; rerun its prep command")
-        parts.append((d, attrs))
+    for name in names:
+        prefix = f"parts/{name}"
+        attrs = _root_attrs(storage, f"{prefix}/zarr.json")
+        if not attrs.get("complete") or storage.exists(f"{prefix}/_build/ledger.json"):
+            raise PrepError(f"{storage.url(prefix)}: this part has not finished building; rerun its prep command")
+        parts.append((prefix, attrs))
     return parts
 
 
-def _single_build_config(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+def _single_build_config(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     configs = []
     for _d, attrs in parts:
         c = dict(attrs["prep_config"])
@@ -66,53 +76,72 @@ def _single_build_config(parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, 
     return configs[0]
 
 
-def finalize(store: str | Path) -> dict[str, Any]:
-    """Stitch STORE/parts/* into STORE. Safe to rerun after an interruption."""
-    store = Path(store)
-    root_meta = store / "zarr.json"
-    if root_meta.is_file() and json.loads(root_meta.read_text()).get("attributes", {}).get("complete"):
-        log.info("%s is already finalized: nothing to do", store)
-        return json.loads(root_meta.read_text())["attributes"]
-    plan_path = store / "_finalize.json"
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())  # resumed: shards may already have moved
+def finalize(store: str | os.PathLike[str]) -> dict[str, Any]:
+    """Stitch STORE/parts/* into STORE (a path or s3://). Safe to rerun after an interruption.
+
+    The plan (`_finalize.json`) is a `Claim` like the build ledger: the finalize that wrote it
+    last owns the store, and one that lost it stops at its next write of the plan. Its last
+    write says `finished`; only then does the completion flag go in.
+    """
+    try:
+        storage = open_storage(store)
+    except StorageError as exc:
+        raise PrepError(f"--finalize: {exc}") from None
+    root = _root_attrs(storage, "zarr.json")
+    if root.get("complete"):
+        log.info("%s is already finalized: nothing to do", storage.location)
+        return root
+    claim = Claim(storage, PLAN_KEY, "finalize plan")
+    if claim.exists():
+        plan = claim.read()  # resumed: shards may already have moved
+        claim.write(plan)
     else:
-        plan = _plan(store, _load_parts(store))
-        group = zarr.open_group(str(store), mode="a", zarr_format=3)
+        plan = _plan(_load_parts(storage))
+        group = zarr.open_group(storage.zarr_store(), mode="a", zarr_format=3)
         layout = Layout(**plan["attrs"]["layout"])
         for split in SPLITS:
             create_split_arrays(group, split, np.dtype(plan["attrs"]["dtype"]), layout)
             group[split]["tokens"].resize((plan["physical_len"][split],))
-        atomic.write_json(plan_path, plan)
+        claim.write(plan, create=True)
 
-    group = zarr.open_group(str(store), mode="r+")
-    for src, dst in plan["moves"]:
-        if os.path.exists(src):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.replace(src, dst)
-        elif not os.path.exists(dst):
-            raise PrepError(f"finalize: shard {src} is gone and {dst} does not exist")
-
+    group = zarr.open_group(storage.zarr_store(), mode="r+")
     attrs = plan["attrs"]
-    layout = Layout(**attrs["layout"])
-    for split in SPLITS:
-        arr = group[split]["doc_offsets"]
-        arr.resize((0,))
-        offsets = ArrayAppender(arr, layout.offsets_shard)
-        offsets.append(np.zeros(1, dtype=np.int64))
-        for part, base in zip(plan["parts"], plan["logical_start"][split], strict=True):
-            part_offsets = np.asarray(zarr.open_array(os.path.join(part, split, "doc_offsets"), mode="r")[:])
-            offsets.append(part_offsets[1:] + base)
-        offsets.finish()
-        attrs["checksums"][split]["doc_offsets"] = f"{offsets.crc:08x}"
-    attrs["complete"] = True
+    if not plan.get("finished"):
+        for src, dst in plan["moves"]:
+            if storage.exists(src):
+                storage.move(src, dst)
+            elif not storage.exists(dst):
+                raise PrepError(f"finalize: shard {storage.url(src)} is gone and {storage.url(dst)} does not exist")
+        claim.write(plan)  # still ours: no other finalize took over while shards moved
+        layout = Layout(**attrs["layout"])
+        for split in SPLITS:
+            arr = group[split]["doc_offsets"]
+            arr.resize((0,))
+            offsets = ArrayAppender(arr, layout.offsets_shard)
+            offsets.append(np.zeros(1, dtype=np.int64))
+            for part, base in zip(plan["parts"], plan["logical_start"][split], strict=True):
+                offsets.append(_part_doc_offsets(storage, part, split)[1:] + base)
+            offsets.finish()
+            attrs["checksums"][split]["doc_offsets"] = f"{offsets.crc:08x}"
+        attrs["complete"] = True
+        plan["finished"] = True
+        claim.write(plan)  # the point of no return
     group.attrs.update(attrs)
-    shutil.rmtree(store / "parts", ignore_errors=True)
-    plan_path.unlink()
+    storage.delete_prefix("parts/")
+    storage.delete([PLAN_KEY])
     return attrs
 
 
-def _plan(store: Path, parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+def _part_doc_offsets(storage: Storage, part: str, split: str) -> np.ndarray:
+    """A part's doc_offsets, read and checked like any store's (its tokens have moved)."""
+    try:
+        store = TokenStore.open(storage.url(part), check_shards=False, cache=CacheOptions(disk=False))
+        return store.split(split).doc_offsets
+    except StoreError as exc:
+        raise PrepError(f"finalize: {exc}") from None
+
+
+def _plan(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """Where every shard goes, and the stitched store's attributes (complete=False until done)."""
     config = _single_build_config(parts)
     first = parts[0][1]
@@ -135,8 +164,8 @@ def _plan(store: Path, parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, An
             if n:
                 segments[split].append([counts[split]["tokens"], physical, n])
                 for j in range(-(-n // shard)):
-                    src = d / split / "tokens" / "c" / str(j)
-                    moves.append([str(src), str(store / split / "tokens" / "c" / str(physical // shard + j))])
+                    moves.append([f"{d}/{split}/tokens/c/{j}",
+                                  f"{split}/tokens/c/{physical // shard + j}"])
                 physical += -(-n // shard) * shard
             part_crc = int(attrs["checksums"][split]["tokens"], 16)
             crcs[split] = crc32_combine(crcs[split], part_crc, n * itemsize)
@@ -160,7 +189,7 @@ def _plan(store: Path, parts: list[tuple[Path, dict[str, Any]]]) -> dict[str, An
         text_bytes=text_bytes,
     )
     return {
-        "parts": [str(d) for d, _ in parts],
+        "parts": [d for d, _ in parts],
         "moves": moves,
         "logical_start": logical_start,
         "physical_len": physical_len,

@@ -27,6 +27,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import zstandard
 
+from .storage import url_scheme
+
 BUILTIN_CORPORA = ("builtin:pydoc-topics", "builtin:stdlib")
 TEXT_MODES = ("file", "paragraph", "line")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".ndjson.gz")
@@ -132,6 +134,9 @@ def expand_inputs(inputs: Sequence[str]) -> list[Unit]:
             if not name:
                 raise SourceError(f"{item}: expected hf:NAME[:CONFIG]")
             units.append(Unit("hf-hub", name, name, 0, config or None))
+        elif url_scheme(item) is not None:  # never read as the local path "s3:/b/x"
+            raise SourceError(f"{item}: inputs are read from local paths, not URLs; copy the "
+                              "corpus here first (or use hf:NAME for a Hugging Face dataset)")
         elif glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]

@@ -13,40 +13,37 @@ A split's logical token stream may be stored in several *segments*: a multi-part
 each part's shard files into place without copying, so each part starts on a shard boundary of
 the physical array. `segments` maps logical ranges to physical ones; a single build has one.
 
-Reading windows through zarr's generic indexing costs ~1 ms each. On a local store the reader
-instead loads each shard's index once and `pread`s exactly the bytes of the requested tokens,
-checking each inner chunk's CRC-32C the first time it is touched.
+The reader does not go through zarr (its generic indexing costs ~1 ms a window): shards.py
+reads the sharding layout itself, from a local directory or S3 alike (storage.py).
 """
 
 from __future__ import annotations
 
-import mmap
+import json
 import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
-import zarr
-import zstandard
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .cache import CacheOptions
 from .checksum import crc32
+from .locations import open_storage
+from .shards import ArrayReader, StoreError
+from .storage import ObjectMissing, Storage, StorageError
 
 FORMAT_NAME = "zeroforge-token-store"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 CODECS = ("none", "zstd")
-_MISSING = np.uint64(2**64 - 1)  # shard-index entry of an absent chunk
-_CRC_BYTES = 4
+FETCH_THREADS = 16  # concurrent ranged GETs of a remote store's read-ahead
 
-
-class StoreError(ValueError):
-    """A token store that must not be read: incomplete, corrupt, or not a token store."""
+__all__ = ["StoreError", "TokenStore", "SplitReader", "Layout", "describe", "create_split_arrays"]
 
 
 @dataclass(frozen=True)
@@ -102,77 +99,12 @@ def create_split_arrays(group, split: str, dtype: np.dtype, layout: Layout) -> N
     )
 
 
-# --- fast local reads ------------------------------------------------------------------------------
-class _ShardFile:
-    """One shard on local disk: its chunk index, read once, and positioned reads of token bytes."""
-
-    def __init__(self, path: str, label: str, n_chunks: int, chunk_len: int, itemsize: int, codec: str):
-        self.path, self.label = path, label
-        self.chunk_len, self.itemsize, self.codec = chunk_len, itemsize, codec
-        try:
-            self.fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise StoreError(f"{label}: shard file is missing ({path})") from None
-        index_size = n_chunks * 16 + _CRC_BYTES
-        size = os.fstat(self.fd).st_size
-        if size < index_size:
-            raise StoreError(f"{label}: shard file is truncated ({size} bytes)")
-        raw = os.pread(self.fd, index_size, size - index_size)
-        _check_crc32c(raw[:-_CRC_BYTES], raw[-_CRC_BYTES:], f"{label}: shard index")
-        self.index = np.frombuffer(raw[:-_CRC_BYTES], dtype="<u8").reshape(n_chunks, 2)
-        self.verified = np.zeros(n_chunks, dtype=bool)
-        self._decoded: dict[int, np.ndarray] = {}
-        # Uncompressed chunks are read straight from a read-only map of the file: as cheap as
-        # np.memmap, and the page cache is shared by every process reading the store.
-        self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) if codec == "none" else None
-
-    def require_chunks(self, first: int, last: int) -> None:
-        missing = np.nonzero(self.index[first : last + 1, 0] == _MISSING)[0]
-        if len(missing):
-            raise StoreError(f"{self.label}: chunk {first + int(missing[0])} is missing")
-
-    def _verify_chunk(self, c: int) -> bytes:
-        offset, nbytes = (int(x) for x in self.index[c])
-        raw = os.pread(self.fd, nbytes, offset)
-        _check_crc32c(raw[:-_CRC_BYTES], raw[-_CRC_BYTES:], f"{self.label} chunk {c}")
-        self.verified[c] = True
-        return raw[:-_CRC_BYTES]
-
-    def read(self, c: int, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-        """Elements [start, stop) of inner chunk c."""
-        if self._map is not None:
-            if not self.verified[c]:
-                self._verify_chunk(c)
-            offset = int(self.index[c, 0]) + start * self.itemsize
-            return np.frombuffer(self._map, dtype=dtype, count=stop - start, offset=offset)
-        chunk = self._decoded.get(c)
-        if chunk is None:
-            chunk = np.frombuffer(zstandard.ZstdDecompressor().decompress(self._verify_chunk(c)), dtype=dtype)
-            if len(self._decoded) >= 8:  # a few decoded chunks: windows often share one
-                self._decoded.pop(next(iter(self._decoded)))
-            self._decoded[c] = chunk
-        return chunk[start:stop]
-
-    def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a caller still holds a view: the map goes with the last one
-                pass
-        os.close(self.fd)
-
-
-def _check_crc32c(data: bytes, stored: bytes, what: str) -> None:
-    if google_crc32c.value(data) != int.from_bytes(stored, "little"):
-        raise StoreError(f"{what}: checksum mismatch (data corrupted)")
-
-
 _live_readers: weakref.WeakSet = weakref.WeakSet()
 os.register_at_fork(after_in_child=lambda: [r._after_fork() for r in list(_live_readers)])
 
 
 class SplitReader:
-    """Random access to one split: `tokens(a, b)`, `doc(i)`, sizes."""
+    """Random access to one split: `tokens(a, b)`, `doc(i)`, sizes, read-ahead hints."""
 
     def __init__(self, store: TokenStore, name: str):
         self.store, self.name = store, name
@@ -180,12 +112,11 @@ class SplitReader:
         self.n_tokens: int = int(info["tokens"])
         self.n_docs: int = int(info["docs"])
         self.segments = [tuple(int(x) for x in s) for s in store.attrs["segments"][name]]
-        self._arrays = store.group[name]
         layout = store.layout
-        self._shard, self._chunk = layout.shard_tokens, layout.chunk_tokens
-        self._codec = layout.codec
-        self._shards: dict[int, _ShardFile] = {}
-        self._lock = threading.Lock()
+        self._tokens = store.array(f"{name}/tokens", layout.shard_tokens, layout.chunk_tokens,
+                                   store.dtype)
+        self._offsets = store.array(f"{name}/doc_offsets", layout.offsets_shard,
+                                    layout.offsets_chunk, np.dtype(np.int64))
         self._identity = len(self.segments) <= 1 and all(lg == ph for lg, ph, _ in self.segments)
         _live_readers.add(self)
 
@@ -194,15 +125,16 @@ class SplitReader:
 
     @cached_property
     def doc_offsets(self) -> np.ndarray:
-        try:
-            offsets = np.asarray(self._arrays["doc_offsets"][:], dtype=np.int64)
-        except ValueError as exc:  # zarr's own CRC-32C check on a chunk
-            raise StoreError(f"{self.store.path}/{self.name}/doc_offsets: {exc}") from exc
+        where = f"{self.store.path}/{self.name}/doc_offsets"
+        if self.n_docs == 0:
+            # [0] alone is all fill value, and zarr stores no chunk for that: nothing to read.
+            offsets = np.zeros(1, dtype=np.int64)
+        else:
+            self._offsets.require(0, self.n_docs + 1)
+            offsets = self._offsets.read(0, self.n_docs + 1)
         expected = self.store.attrs["checksums"][self.name]["doc_offsets"]
         if f"{crc32(offsets):08x}" != expected:
-            raise StoreError(f"{self.store.path}/{self.name}/doc_offsets: checksum mismatch")
-        if len(offsets) != self.n_docs + 1:
-            raise StoreError(f"{self.store.path}/{self.name}/doc_offsets: {len(offsets)} entries, expected {self.n_docs + 1}")
+            raise StoreError(f"{where}: checksum mismatch")
         return offsets
 
     def doc(self, i: int) -> np.ndarray:
@@ -211,86 +143,49 @@ class SplitReader:
         off = self.doc_offsets
         return self.tokens(int(off[i]), int(off[i + 1]))
 
+    def _physical_ranges(self, a: int, b: int) -> list[tuple[int, int]]:
+        if self._identity:  # single build: logical == physical
+            return [(a, b)]
+        out = []
+        for logical, physical, length in self.segments:
+            lo, hi = max(a, logical), min(b, logical + length)
+            if lo < hi:
+                out.append((physical + lo - logical, physical + hi - logical))
+        return out
+
     def tokens(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the logical stream (a copy)."""
         if not 0 <= a <= b <= self.n_tokens:
             raise IndexError(f"tokens[{a}:{b}] out of range for split {self.name} ({self.n_tokens} tokens)")
-        if self._identity:  # single build: logical == physical
-            return self._physical(a, b)
-        parts = []
-        for logical, physical, length in self.segments:
-            lo, hi = max(a, logical), min(b, logical + length)
-            if lo < hi:
-                parts.append(self._physical(physical + lo - logical, physical + hi - logical))
+        parts = [self._tokens.read(pa, pb) for pa, pb in self._physical_ranges(a, b)]
         if not parts:
             return np.empty(0, dtype=self.store.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _physical(self, a: int, b: int) -> np.ndarray:
-        if not self.store.local:
-            try:
-                return np.asarray(self._arrays["tokens"][a:b])
-            except ValueError as exc:  # zarr's own CRC-32C check on a chunk
-                raise StoreError(f"{self.store.path}/{self.name}/tokens[{a}:{b}]: {exc}") from exc
-        out, pos = [], a
-        while pos < b:
-            shard, within = divmod(pos, self._shard)
-            c, start = divmod(within, self._chunk)
-            stop = min(self._chunk, start + (b - pos))
-            f = self._shards.get(shard) or self._shard_file(shard)
-            out.append(f.read(c, start, stop, self.store.dtype))
-            pos += stop - start
-        if len(out) == 1:
-            # frombuffer views are read-only; training code wants its own writable array.
-            return out[0].copy()
-        return np.concatenate(out) if out else np.empty(0, dtype=self.store.dtype)
-
-    def _shard_file(self, k: int) -> _ShardFile:
-        f = self._shards.get(k)
-        if f is None:
-            with self._lock:
-                f = self._shards.get(k)
-                if f is None:
-                    f = self._open_shard(k)
-                    self._shards[k] = f
-        return f
+    def prefetch(self, a: int, b: int) -> None:
+        """Hint that tokens [a, b) will be read soon: a remote store starts fetching their
+        chunks in the background; a local one needs nothing."""
+        for pa, pb in self._physical_ranges(max(a, 0), min(b, self.n_tokens)):
+            self._tokens.prefetch(pa, pb)
 
     def _after_fork(self) -> None:
-        # A forked child (e.g. a DataLoader worker) must not share file offsets or locks.
-        self._shards, self._lock = {}, threading.Lock()
-
-    def _open_shard(self, k: int) -> _ShardFile:
-        path = os.path.join(self.store.path, self.name, "tokens", "c", str(k))
-        label = f"{self.store.path}/{self.name}/tokens shard c/{k}"
-        n_chunks = self._shard // self._chunk
-        f = _ShardFile(path, label, n_chunks, self._chunk, self.store.dtype.itemsize, self._codec)
-        # Every chunk that holds referenced tokens must exist: zarr would return zeros for it.
-        lo, hi = k * self._shard, (k + 1) * self._shard
-        for _, physical, length in self.segments:
-            s, e = max(lo, physical), min(hi, physical + length)
-            if s < e:
-                f.require_chunks((s - lo) // self._chunk, (e - 1 - lo) // self._chunk)
-        return f
+        self._tokens.after_fork()
+        self._offsets.after_fork()
 
     def check_shards(self) -> None:
-        """Open every shard that holds referenced tokens: missing files or chunks raise."""
+        """Load every shard index that referenced tokens need: missing shards or chunks raise."""
         for _, physical, length in self.segments:
             if length:
-                for k in range(physical // self._shard, (physical + length - 1) // self._shard + 1):
-                    self._shard_file(k)
-
-    def close(self) -> None:
-        for f in self._shards.values():
-            f.close()
-        self._shards = {}
+                self._tokens.require(physical, physical + length)
 
 
 class TokenStore:
-    """An open, complete token store. `TokenStore.open(path)` refuses anything else."""
+    """An open, complete token store. `TokenStore.open(location)` refuses anything else."""
 
-    def __init__(self, path: str, group, attrs: dict[str, Any]):
-        self.path, self.group, self.attrs = path, group, attrs
-        self.local = "://" not in path
+    def __init__(self, storage: Storage, attrs: dict[str, Any], cache: CacheOptions):
+        self.storage, self.attrs = storage, attrs
+        self.path: str = storage.location
+        self.local = not storage.remote
         tok = attrs["tokenizer"]
         self.tokenizer: str = tok["name"]
         self.vocab_size: int = int(tok["vocab_size"])
@@ -299,33 +194,64 @@ class TokenStore:
         self.layout = Layout(**attrs["layout"])
         self.splits: tuple[str, ...] = tuple(attrs["counts"])
         self._readers: dict[str, SplitReader] = {}
+        self._cache = None if self.local else cache.open(f"{self.path}\0{self.fingerprint}")
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        _live_readers.add(self)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, check_shards: bool = True) -> TokenStore:
-        path = os.fspath(path)
-        if "://" not in path and not Path(path, "zarr.json").is_file():
-            raise StoreError(f"{path}: not a token store (no zarr.json)")
+    def open(cls, location: str | os.PathLike, check_shards: bool = True,
+             cache: CacheOptions | None = None) -> TokenStore:
+        """Open a complete store at a local path or s3://BUCKET/PREFIX. ``cache`` says where
+        a remote store's chunks are cached (default: the environment, see cache.py)."""
         try:
-            group = zarr.open_group(path, mode="r")
-            attrs = dict(group.attrs)
-        except Exception as exc:
-            raise StoreError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
+            storage = open_storage(location)
+            store = cls._open(storage, cache or CacheOptions())
+            for name in store.splits:
+                split = store.split(name)
+                shape = _array_shape(storage, f"{name}/tokens", store.layout.shard_tokens,
+                                     store.layout.chunk_tokens)
+                end = max((p + n for _, p, n in split.segments), default=0)
+                if shape < end:
+                    raise StoreError(f"{store.path}/{name}/tokens: {shape} elements stored, "
+                                     f"segments need {end}")
+                if check_shards:
+                    split.check_shards()
+        except StorageError as exc:
+            raise StoreError(str(exc)) from None
+        return store
+
+    @classmethod
+    def _open(cls, storage: Storage, cache: CacheOptions) -> TokenStore:
+        path = storage.location
+        try:
+            meta = json.loads(storage.read("zarr.json"))
+        except ObjectMissing:
+            raise StoreError(f"{path}: not a token store (no zarr.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{path}/zarr.json: not valid JSON ({exc})") from None
+        attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{path}: not a {FORMAT_NAME} (format={attrs.get('format')!r})")
         if attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: format version {attrs.get('format_version')} is not supported (expected {FORMAT_VERSION})")
         if not attrs.get("complete"):
             raise StoreError(f"{path}: the build did not complete; rerun the same `zeroforge prep` command to finish it")
-        store = cls(path, group, attrs)
-        for name in store.splits:
-            split = store.split(name)
-            shape = group[name]["tokens"].shape[0]
-            end = max((p + n for _, p, n in split.segments), default=0)
-            if shape < end:
-                raise StoreError(f"{path}/{name}/tokens: {shape} elements on disk, segments need {end}")
-            if check_shards and store.local:
-                split.check_shards()
-        return store
+        return cls(storage, attrs, cache)
+
+    def array(self, key: str, shard_len: int, chunk_len: int, dtype: np.dtype) -> ArrayReader:
+        return ArrayReader(self.storage, key, shard_len, chunk_len, dtype, self.layout.codec,
+                           f"{self.path}/{key}", self._cache, self._executor)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="zeroforge-fetch")
+            return self._pool
+
+    def _after_fork(self) -> None:
+        # Threads do not survive a fork; the child starts its own pool when it needs one.
+        self._pool, self._pool_lock = None, threading.Lock()
 
     def split(self, name: str) -> SplitReader:
         if name not in self.splits:
@@ -342,13 +268,36 @@ class TokenStore:
         )
 
     def close(self) -> None:
-        for r in self._readers.values():
-            r.close()
+        """Wait for background fetches and stop their threads (reading later starts new ones)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _array_shape(storage: Storage, key: str, shard_len: int, chunk_len: int) -> int:
+    """The stored length of a 1-D array, after checking its zarr metadata matches the layout."""
+    where = f"{storage.location}/{key}"
+    try:
+        meta = json.loads(storage.read(f"{key}/zarr.json"))
+        (shape,) = meta["shape"]
+        (shard,) = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        sharding = meta["codecs"][0]
+        (chunk,) = sharding["configuration"]["chunk_shape"]
+    except ObjectMissing:
+        raise StoreError(f"{where}/zarr.json: missing (the array's metadata)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError,
+            ValueError) as exc:
+        raise StoreError(f"{where}/zarr.json: not the metadata of a token store array ({exc!r})") from None
+    if sharding.get("name") != "sharding_indexed" or (shard, chunk) != (shard_len, chunk_len):
+        raise StoreError(f"{where}/zarr.json: shards of {shard} and chunks of {chunk} do not match "
+                         f"the store layout ({shard_len}, {chunk_len})")
+    return int(shape)
 
 
 def describe(store: TokenStore) -> dict[str, Any]:
     """What `zeroforge inspect` shows."""
-    size = sum(f.stat().st_size for f in Path(store.path).rglob("*") if f.is_file()) if store.local else None
+    size = sum(store.storage.list("").values())
     return {
         "path": store.path,
         "format": f"{FORMAT_NAME} v{FORMAT_VERSION}",

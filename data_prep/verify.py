@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cache import CacheOptions
 from .checksum import crc32
+from .storage import StorageError
 from .store import StoreError, TokenStore
 
 
 def verify_store(path: str) -> list[str]:
-    """Problems found, each naming its split and array; empty when the store is sound."""
+    """Problems found, each naming its split and array; empty when the store is sound.
+
+    A remote store is read once, shard by shard (one GET per shard), through a memory-only
+    cache: a full pass must not push training's chunks out of the shared disk cache."""
     try:
-        store = TokenStore.open(path)
-    except StoreError as exc:
+        store = TokenStore.open(path, cache=CacheOptions(disk=False))
+    except (StoreError, StorageError) as exc:
         return [str(exc)]
     problems: list[str] = []
     for name in store.splits:
         try:
             problems += _verify_split(store, name)
-        except StoreError as exc:
+        except (StoreError, StorageError) as exc:
             problems.append(str(exc))
     store.close()
     return problems

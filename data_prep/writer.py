@@ -2,21 +2,30 @@
 
 Zarr rewrites a whole shard on every partial write, so the writer keeps the unfinished tail of
 each array in memory and writes only complete shards (plus the last, partial one when the build
-finishes). A commit saves the tails to a file and then the ledger, both atomically; a restart
-truncates the arrays to the shards the ledger counts and continues from its record position.
+finishes): on object storage every shard goes up as one whole object. A commit saves the tails
+and then the ledger, each one whole object (an atomic rename on disk, a single PUT on S3); a
+restart truncates the arrays to the shards the ledger counts and continues from its record
+position.
+
+The ledger is also the build's claim on the store (`Claim`): every write of it is conditional
+on the version this process last wrote (If-Match on S3, a locked compare on disk), so of two
+builds writing one store the one that lost stops at its next commit instead of both going on.
+A build finishes with one more conditional ledger write that says `finished`; only then does
+the completion flag go into the root attributes, and a build that finds a finished ledger
+truncates nothing. See docs/token-store.md, "Build protocol".
 """
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
+import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from . import atomic
 from .checksum import crc32
+from .storage import Storage, WriteConflict
 
 LEDGER_VERSION = 1
 
@@ -89,6 +98,8 @@ class Ledger:
     commit: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     splits: dict[str, SplitState] = field(default_factory=dict)
+    # Set by the last ledger write of a build: the root attributes that make it complete.
+    final_attrs: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +110,7 @@ class Ledger:
             "commit": self.commit,
             "skipped": self.skipped,
             "splits": {k: vars(v) for k, v in self.splits.items()},
+            "final_attrs": self.final_attrs,
         }
 
     @classmethod
@@ -112,6 +124,7 @@ class Ledger:
             commit=d["commit"],
             skipped=dict(d["skipped"]),
             splits={k: SplitState(**v) for k, v in d["splits"].items()},
+            final_attrs=d.get("final_attrs"),
         )
 
 
@@ -144,62 +157,101 @@ class SplitWriter:
         self.offsets.finish()
 
 
+class Claim:
+    """A JSON document that one process at a time owns: each write is conditional on the
+    version this process last read or wrote, and carries this process's id so that two
+    writers' documents never have the same bytes (and version)."""
+
+    def __init__(self, storage: Storage, key: str, what: str):
+        self.storage, self.key, self.what = storage, key, what
+        self.writer = uuid.uuid4().hex
+        self.version: str | None = None  # None: this process has not read or written it
+
+    def exists(self) -> bool:
+        return self.storage.exists(self.key)
+
+    def read(self) -> dict:
+        data, self.version = self.storage.read_versioned(self.key)
+        return json.loads(data)
+
+    def write(self, doc: dict, create: bool = False) -> None:
+        """Create the document (``create``: it must not exist) or replace the version this
+        process holds; WriteConflict names the store when someone else wrote in between."""
+        body = (json.dumps({**doc, "writer": self.writer}, indent=1, sort_keys=True) + "\n").encode()
+        try:
+            self.version = self.storage.write_if(self.key, body, None if create else self.version)
+        except WriteConflict:
+            raise WriteConflict(
+                f"{self.storage.location}: another process is writing this store (its "
+                f"{self.what} changed under this one); run one build per store, or wait for "
+                "the other to finish and rerun") from None
+
+
 class BuildDir:
     """`STORE/_build/`: the ledger and the tails it refers to."""
 
-    def __init__(self, store: Path):
-        self.path = store / "_build"
-        self.ledger_path = self.path / "ledger.json"
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.ledger = Claim(storage, "_build/ledger.json", "build ledger")
 
     def exists(self) -> bool:
-        return self.ledger_path.is_file()
+        return self.ledger.exists()
+
+    def config_hash(self) -> str | None:
+        return json.loads(self.storage.read(self.ledger.key)).get("config_hash")
 
     def load(self) -> tuple[Ledger, dict[str, dict[str, np.ndarray]]]:
-        ledger = Ledger.from_json(json.loads(self.ledger_path.read_text()))
+        """The committed ledger and tails; the ledger's version becomes the one this build
+        must hold to write (call `take` before changing anything)."""
+        ledger = Ledger.from_json(self.ledger.read())
         tails: dict[str, dict[str, np.ndarray]] = {}
-        tail_file = self.path / f"tails-{ledger.commit}.npz"
-        if tail_file.is_file():
-            with np.load(tail_file) as z:
+        tail_key = f"_build/tails-{ledger.commit}.npz"
+        if ledger.commit and self.storage.exists(tail_key):
+            with np.load(io.BytesIO(self.storage.read(tail_key))) as z:
                 for key in z.files:
                     split, kind = key.split("/")
                     tails.setdefault(split, {})[kind] = z[key]
         return ledger, tails
 
+    def take(self, ledger: Ledger) -> None:
+        """Claim the interrupted build just loaded, before truncating anything: a build still
+        running on it loses at its next commit."""
+        self.ledger.write(ledger.to_json())
+
     def write_initial(self, ledger: Ledger) -> None:
-        """Commit 0: the build has started and nothing is written yet."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(self.ledger_path, ledger.to_json())
+        """Commit 0: the build has started and nothing is written yet (create-only)."""
+        self.ledger.write(ledger.to_json(), create=True)
 
     def commit(self, ledger: Ledger, writers: dict[str, SplitWriter]) -> None:
         """Tails first, then the ledger that names them: a kill between the two keeps the old commit."""
-        self.path.mkdir(parents=True, exist_ok=True)
         ledger.commit += 1
         ledger.splits = {name: w.state() for name, w in writers.items()}
-        tail_file = self.path / f"tails-{ledger.commit}.npz"
         arrays = {}
         for name, w in writers.items():
             arrays[f"{name}/tokens"] = w.tokens.tail()
             arrays[f"{name}/offsets"] = w.offsets.tail()
-        atomic.write_with(tail_file, lambda f: np.savez(f, **arrays))
-        atomic.write_json(self.ledger_path, ledger.to_json())
-        old = self.path / f"tails-{ledger.commit - 1}.npz"
-        if old.exists():
-            old.unlink()
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.storage.write(f"_build/tails-{ledger.commit}.npz", buf.getvalue())
+        self.ledger.write(ledger.to_json())
+        self.storage.delete([f"_build/tails-{ledger.commit - 1}.npz"])
+
+    def finish(self, ledger: Ledger, final_attrs: dict) -> None:
+        """The point of no return: after this conditional write nobody truncates the store,
+        and whoever finds it (this build or a rerun) only writes the completion flag."""
+        ledger.final_attrs = final_attrs
+        self.ledger.write(ledger.to_json())
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.storage.delete_prefix("_build/")
 
 
-def truncate_array(array, length: int) -> None:
-    """Cut an array back to `length` elements and delete shard files written past it."""
+def truncate_array(array, length: int, storage: Storage) -> None:
+    """Cut an array back to `length` elements and delete shard objects written past it."""
     array.resize((length,))
     shard = array.shards[0] if array.shards else array.chunks[0]
-    store_path = getattr(array.store, "root", None)
-    if store_path is None:
-        return
-    shard_dir = Path(store_path) / array.path / "c"
-    if shard_dir.is_dir():
-        first_stale = -(-length // shard)
-        for f in shard_dir.iterdir():
-            if f.name.isdigit() and int(f.name) >= first_stale:
-                f.unlink()
+    first_stale = -(-length // shard)
+    prefix = f"{array.path}/c/"
+    stale = [k for k in storage.list(prefix) if k[len(prefix):].isdigit()
+             and int(k[len(prefix):]) >= first_stale]
+    storage.delete(stale)

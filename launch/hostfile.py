@@ -61,7 +61,11 @@ DS_ENV_FILE = "DS_ENV_FILE"  # the runner's variable naming its environment file
 DS_ENV_DEFAULT_NAME = ".deepspeed_env"
 # Forwarded from the launching environment (see the module doc for why each matters).
 FORWARD_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "MLFLOW_", "HF_", "TIKTOKEN_", "ZEROFORGE_")
-FORWARD_NAMES = ("VIRTUAL_ENV", "OMP_NUM_THREADS", "DEEPSPEED_TIMEOUT")
+FORWARD_NAMES = ("VIRTUAL_ENV", "OMP_NUM_THREADS", "DEEPSPEED_TIMEOUT",
+                 # Where an s3:// store is and which profile reads it; never the keys themselves,
+                 # which would land on the remote command line.
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_REGION",
+                 "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 SSH_CHECK_TIMEOUT_S = 30
 LOCAL_HOSTS = ("localhost", "127.0.0.1")  # a one-host hostfile naming these runs here, no ssh
 

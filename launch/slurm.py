@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from zeroforge.data_prep.locations import location_problem
 from zeroforge.data_prep.sources import expand_inputs
+from zeroforge.data_prep.storage import url_scheme
 from zeroforge.launch.commands import prep as prep_command
 from zeroforge.pipeline.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from zeroforge.pipeline.errors import (
@@ -475,6 +477,8 @@ def run_prep(args: argparse.Namespace) -> int:
                     for k in _PREP_OWN if getattr(args, k) is not None]
         if not args.out:
             problems.append("--out is required")
+        elif location_problem(args.out, "--out"):
+            problems.append(location_problem(args.out, "--out"))
         if problems:
             raise LaunchError("; ".join(problems))
         units = expand_inputs(args.inputs)  # a missing input fails now, not in every task
@@ -482,8 +486,9 @@ def run_prep(args: argparse.Namespace) -> int:
             log.warning("--parts %d > %d input units: %d part(s) will be empty (parts split "
                         "the input by files/units, never inside one)", args.parts, len(units),
                         args.parts - len(units))
-        store = os.path.abspath(args.out)
-        name = args.job_name or f"zf-prep-{Path(store).name}"
+        # A URL (s3://) is the same on every node; a path is made absolute for the job.
+        store = args.out.rstrip("/") if url_scheme(args.out) else os.path.abspath(args.out)
+        name = args.job_name or f"zf-prep-{store.rstrip('/').rsplit('/', 1)[-1]}"
         log_dir = Path(args.log_dir).resolve()
         job = PrepJob(
             inputs=list(args.inputs), store=store, parts=args.parts,

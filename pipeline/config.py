@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from zeroforge.data_prep.locations import local_path_problem
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
@@ -228,6 +229,11 @@ def _value_problems(cfg: RunConfig) -> list[str]:
         p += section.problems()
     if not cfg.run_dir:
         p.append("run_dir must be a directory path")
+    # Run directories, checkpoints and init weights are local: a URL must not become a folder.
+    for key, value in (("run_dir", cfg.run_dir), ("checkpoint.dir", cfg.checkpoint.dir),
+                       ("init_from", cfg.init_from)):
+        if value and local_path_problem(value, key):
+            p.append(local_path_problem(value, key))
     if not cfg.ds_config_path().is_file():
         p.append(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
     try:

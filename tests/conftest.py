@@ -10,6 +10,9 @@ import pytest
 # (tests/helpers/mlflow_server.py); importing the fixture here registers it once for every test.
 from tests.helpers.mlflow_server import mlflow_server  # noqa: F401
 
+# A real S3 server (moto) on 127.0.0.1 for the session, started on first use.
+from tests.helpers.s3_server import s3_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -11,9 +11,10 @@ import time
 from zeroforge.data_prep.build import PrepError, PrepOptions, build_store
 from zeroforge.data_prep.parts import finalize, part_dir
 from zeroforge.data_prep.sources import BUILTIN_CORPORA, TEXT_MODES, SourceError, SourceOptions
-from zeroforge.data_prep.store import CODECS, Layout
+from zeroforge.data_prep.storage import StorageError
+from zeroforge.data_prep.store import CODECS, Layout, StoreError
 from zeroforge.data_prep.tokenize import ENCODINGS, TokenizerError
-from zeroforge.pipeline.errors import EXIT_CONFIG, reported_as
+from zeroforge.pipeline.errors import EXIT_CONFIG, EXIT_FAILED, reported_as
 
 log = logging.getLogger("zeroforge.prep")
 
@@ -21,6 +22,8 @@ EPILOG = f"""inputs: files, directories and globs (read in sorted order); .jsonl
 .parquet, plain text otherwise; a directory written by datasets' save_to_disk; hf:NAME[:CONFIG]
 for a Hugging Face hub dataset; builtin corpora that need no download: {', '.join(BUILTIN_CORPORA)}.
 Rerun the same command after an interruption to continue; rerunning on a complete store is a no-op.
+--out (and --finalize) take a local directory or s3://BUCKET/PREFIX; S3 endpoint and credentials
+come from the standard AWS variables and ~/.aws files (docs/token-store.md, "Object storage").
 """
 
 
@@ -28,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="corpus files, dirs, globs, hf:NAME, builtin:NAME")
-    p.add_argument("--out", help="token store directory to create")
+    p.add_argument("--out", help="token store to create: a directory or s3://BUCKET/PREFIX")
     p.add_argument("--tokenizer", default="gpt2", choices=ENCODINGS, help="tiktoken encoding (default gpt2)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split, by id hash")
@@ -88,7 +91,9 @@ def options_from_args(args) -> PrepOptions:
 
 def run(args) -> int:
     t0 = time.monotonic()
-    with reported_as(EXIT_CONFIG, PrepError, SourceError, TokenizerError):
+    # Bad settings exit 2; a store or server that fails under a sound command line exits 1.
+    with reported_as(EXIT_FAILED, StorageError, StoreError), \
+            reported_as(EXIT_CONFIG, PrepError, SourceError, TokenizerError):
         if args.finalize:
             attrs = finalize(args.finalize)
         else:

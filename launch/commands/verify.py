@@ -9,7 +9,7 @@ from zeroforge.data_prep.verify import verify_store
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", help="token store directory")
+    p.add_argument("store", help="token store: a directory or s3://BUCKET/PREFIX")
 
 
 def run(args) -> int:

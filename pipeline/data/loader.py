@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,7 @@ class TrainLoader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.prefetch)
         self._stop = threading.Event()
+        self._waited = 0.0  # seconds __next__ spent waiting for the producer (take_wait)
         if state is not None:
             self.load_state_dict(state)
         if rank == 0:
@@ -114,6 +116,18 @@ class TrainLoader:
         g = self._micro_ids(step, micro)
         store, _, window = self.order.locate(g)
         return self.task.batch(self.windows.windows(store, window), g, self.seed, TRAIN_STREAM)
+
+    def step_windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(store, window) of every sample this rank reads at global step ``step`` (counted
+        from where this iteration started), in the order it reads them."""
+        ids = np.concatenate([self._micro_ids(step, m) for m in range(self.grad_accum)])
+        store, _, window = self.order.locate(ids)
+        return store, window
+
+    def read_ahead(self, step: int) -> None:
+        """Ask the stores for this rank's windows of ``step``: the global order says exactly
+        which they are, so a remote store fetches them before they are needed."""
+        self.windows.prefetch(*self.step_windows(step))
 
     # -- state ------------------------------------------------------------------------------
 
@@ -185,8 +199,15 @@ class TrainLoader:
                     continue
             return False
 
+        # Local stores are mapped files: nothing to fetch ahead, so no hints to compute.
+        remote = any(not s.local for s in self.windows.stores)
+        ahead = self.cfg.readahead_steps if remote else 0
         try:
+            for step in range(start_step, start_step + ahead):
+                self.read_ahead(step)
             for step in itertools.count(start_step):
+                if ahead:
+                    self.read_ahead(step + ahead)
                 for micro in range(self.grad_accum):
                     if not put(self._make(step, micro)):
                         return
@@ -211,12 +232,19 @@ class TrainLoader:
     def __next__(self) -> dict:
         if self._thread is None:
             self._start_thread()
+        t0 = time.perf_counter()
         item = self._queue.get()
+        self._waited += time.perf_counter() - t0
         if isinstance(item, _Failure):
             self.close()
             raise item.exc
         self._yielded += 1
         return item
+
+    def take_wait(self) -> float:
+        """Seconds spent waiting for data since the previous call (the data wait metric)."""
+        waited, self._waited = self._waited, 0.0
+        return waited
 
     def close(self) -> None:
         """Stop and join the prefetch thread; iterating again restarts it where it stopped."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from zeroforge.data_prep.store import TokenStore
+from zeroforge.data_prep.storage import StorageError, url_scheme
+from zeroforge.data_prep.store import StoreError, TokenStore
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.tasks.base import Layout
@@ -18,9 +19,14 @@ def open_stores(data: DataConfig) -> list[TokenStore]:
         raise ConfigError("; ".join(problems))
     paths = [p for p, _ in data.sources()]
     for i, path in enumerate(paths):
-        if "://" not in path and not Path(path).exists():
+        if url_scheme(path) is None and not Path(path).exists():
             raise ConfigError(f"{data.source_key(i)}: no token store at {path}")
-    stores = [TokenStore.open(p) for p in paths]
+    stores = []
+    for i, path in enumerate(paths):
+        try:
+            stores.append(TokenStore.open(path, cache=data.cache()))
+        except (StoreError, StorageError) as exc:
+            raise StoreError(f"{data.source_key(i)}: {exc}") from None
     tokenizers = {(s.tokenizer, s.vocab_size, s.eot_id) for s in stores}
     if len(tokenizers) > 1:
         raise ConfigError(f"data.mixture: stores use different tokenizers {sorted(tokenizers)}")
@@ -53,3 +59,9 @@ class SplitWindows:
 
     def windows(self, stores: np.ndarray, windows: np.ndarray) -> list[np.ndarray]:
         return [self.tokens(int(j), int(w)) for j, w in zip(stores, windows, strict=True)]
+
+    def prefetch(self, stores: np.ndarray, windows: np.ndarray) -> None:
+        """Read-ahead hint: these windows come soon (a remote store starts fetching them)."""
+        for j, w in zip(stores.tolist(), windows.tolist(), strict=True):
+            start = w * self.layout.stride
+            self.splits[j].prefetch(start, start + self.layout.read_len)

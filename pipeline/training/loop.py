@@ -107,6 +107,8 @@ class _Meter:
         return {
             "train/grad_norm": None if grad_norm is None else float(grad_norm),
             "train/tokens_per_s": run.loader.tokens_per_global_step * steps / dt,
+            # Per step since the previous line: time this rank's loop waited for batches.
+            "train/data_wait_s": run.loader.take_wait() / max(steps, 1),
             "train/mfu": mfu(run.flops_per_step * steps / dt, 1.0,
                              n_devices=run.dist.world_size, device_name=self.device_name),
         }

@@ -154,7 +154,7 @@ def test_finalize_refuses_a_missing_part(zf, corpus, tmp_path):
 def test_finalize_refuses_an_unfinished_part(zf, corpus, tmp_path):
     out = tmp_path / "multi"
     _parts(zf, _inputs(corpus, None), out, 3)
-    unfinished = part_dir(out, 1, 3)
+    unfinished = Path(part_dir(out, 1, 3))
     set_root_attrs(unfinished, complete=False)
     r = zf("prep", "--finalize", out)
     assert r.rc == 2 and "part-00001-of-00003" in r.err and "not finished" in r.err
@@ -229,3 +229,13 @@ def test_interrupted_finalize_resumes(zf, corpus, tmp_path, monkeypatch):
     r = zf("prep", "--finalize", out)
     assert r.rc == 0, r.text
     assert_reads_like(out, tmp_path / "single", random.Random(5))
+
+
+def test_finalize_leaves_only_the_store(zf, corpus, tmp_path):
+    """No plan, no lock file, no parts: the stitched store has the files of a single build
+    (the token shards of each part are renumbered into place)."""
+    out = tmp_path / "multi"
+    _parts(zf, _inputs(corpus, None), out, 2)
+    assert zf("prep", "--finalize", out).rc == 0
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert not [n for n in names if n.startswith(("parts/", "_finalize", "."))], names

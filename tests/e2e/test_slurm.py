@@ -272,3 +272,44 @@ def test_prep_job_array_equals_a_local_build(slurm_env, tmp_path):
     for d in inspect:
         d.pop("path"), d.pop("size_bytes", None)
     assert inspect[0] == inspect[1]
+
+
+def test_prep_job_array_writes_to_object_storage(slurm_env, s3_server, tmp_path):
+    """The same array, with --out s3://: every task writes its part to the bucket of a real S3
+    server, and the finalize job stitches them there; the tasks find the server and the
+    credentials through the AWS_* variables they inherit from the submitting shell."""
+    from zeroforge.data_prep.build import PrepOptions, build_store
+    from zeroforge.data_prep.locations import open_storage
+    from zeroforge.data_prep.store import TokenStore
+    from zeroforge.data_prep.verify import verify_store
+
+    inputs = _corpus(tmp_path / "corpus")
+    local = tmp_path / "local"
+    build_store(inputs, local, PrepOptions(tokenizer="gpt2", val_fraction=0.25,
+                                           progress=False))
+    env = {**slurm_env, **s3_server.env, "ZEROFORGE_CACHE_DIR": str(tmp_path / "cache")}
+    url = s3_server.new_bucket() + "/sharded"
+    out = _zeroforge(["launch", "slurm-prep", *inputs, "--out", url, "--parts", "3",
+                      "--val-fraction", "0.25", "--log-dir", str(tmp_path / "logs")], env,
+                     tmp_path)
+    _array_job, finalize_job = (int(x) for x in out.split())
+    info = wait_for_job(finalize_job, env)
+    logs = "\n".join(_tail(p) for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    old = {k: os.environ.get(k) for k in s3_server.env}
+    os.environ.update(s3_server.env)
+    try:
+        a, b = TokenStore.open(local), TokenStore.open(url)
+        assert a.fingerprint == b.fingerprint
+        for split in ("train", "val"):
+            sa, sb = a.split(split), b.split(split)
+            assert (sa.tokens(0, sa.n_tokens) == sb.tokens(0, sb.n_tokens)).all()
+            assert (sa.doc_offsets == sb.doc_offsets).all()
+        assert verify_store(url) == []
+        assert not [k for k in open_storage(url).list("") if k.startswith("parts/")]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

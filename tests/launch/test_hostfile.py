@@ -65,7 +65,8 @@ def test_forwarded_variables(tmp_path):
     environ = {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "ib0",
                "TORCH_EXTENSIONS_DIR": "/cache/ext", "MLFLOW_TRACKING_URI": "http://mlf:5000",
                "ZEROFORGE_DEBUG_CHECKSUM": "1", "OMP_NUM_THREADS": "4", "PYTHONPATH": "/extra",
-               "DEEPSPEED_TIMEOUT": "5",
+               "DEEPSPEED_TIMEOUT": "5", "AWS_ENDPOINT_URL": "http://s3:9000",
+               "AWS_PROFILE": "lab", "AWS_SECRET_ACCESS_KEY": "k", "AWS_ACCESS_KEY_ID": "i",
                "HOME": "/root", "SECRET_TOKEN": "x", "CUDA_VISIBLE_DEVICES": "0",
                "MASTER_ADDR": "1.2.3.4"}
     env = hf.resolve_environment(environ, "/work/repo", "/venv/bin/python", str(tmp_path))
@@ -73,10 +74,11 @@ def test_forwarded_variables(tmp_path):
     assert env["PYTHONPATH"] == "/work/repo:/extra"  # launch dir first, as the runner does
     for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TORCH_EXTENSIONS_DIR",
                 "MLFLOW_TRACKING_URI", "ZEROFORGE_DEBUG_CHECKSUM", "OMP_NUM_THREADS",
-                "DEEPSPEED_TIMEOUT"):
+                "DEEPSPEED_TIMEOUT", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         assert env[key] == environ[key], key
-    # Per-process or launcher-owned values are not forwarded.
-    for key in ("HOME", "SECRET_TOKEN", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR"):
+    # Per-process or launcher-owned values, and secrets, are not forwarded.
+    for key in ("HOME", "SECRET_TOKEN", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR",
+                "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
         assert key not in env, key
 
 

@@ -117,3 +117,27 @@ def test_config_hash_is_stable_and_sensitive():
     b = load_run_config("gpt2-tiny-cpu", ["data.store=/s"])
     c = load_run_config("gpt2-tiny-cpu", ["data.store=/s", "train.max_steps=51"])
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.store=gs://bucket/store", "data.store"),
+    ("data.store=s3://ab/store", "data.store"),
+    ("run_dir=s3://bucket/runs/x", "run_dir"),
+    ("checkpoint.dir=gs://bucket/ckpt", "checkpoint.dir"),
+    ("init_from=hdfs://nn/run", "init_from"),
+])
+def test_urls_that_cannot_be_used_are_refused_naming_the_key(override, key):
+    """A URL we do not handle is refused at config time, never turned into a local folder
+    (Path("s3://b/x") is the directory s3:/b/x)."""
+    from zeroforge.pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_run_config("gpt2-tiny-cpu", ["data.store=/s", override])
+    assert f"{key}:" in str(err.value) and override.split("=", 1)[1] in str(err.value)
+
+
+def test_a_mixture_of_s3_and_local_stores_is_accepted():
+    cfg = load_run_config("gpt2-tiny-cpu", [
+        "data.store=null",
+        'data.mixture=[{"store": "s3://bucket/a", "weight": 1}, {"store": "/b", "weight": 2}]'])
+    assert [p for p, _ in cfg.data.sources()] == ["s3://bucket/a", "/b"]

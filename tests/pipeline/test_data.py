@@ -395,3 +395,62 @@ def test_val_without_val_tokens_says_what_to_do(tmp_path):
     cfg = DataConfig(store=str(tmp_path / "s"), seq_len=4)
     with pytest.raises(ValueError, match="data.val_windows: 0"):
         eval_batches(gpt(cfg), 2, 0, 1)
+
+
+def test_a_mixture_with_a_store_on_s3_gives_the_batches_of_the_local_one(stores, s3_server,
+                                                                         monkeypatch, tmp_path):
+    """Store b copied into a bucket of a real S3 server: the mixture reads the same batches, in
+    the same order, with the loader's read-ahead fetching b's chunks before they are needed."""
+    from pathlib import Path
+
+    from zeroforge.data_prep.locations import open_storage
+
+    s3_server.use(monkeypatch)
+    monkeypatch.setenv("ZEROFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    url = s3_server.new_bucket() + "/b"
+    remote, root = open_storage(url), Path(stores["b"])
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        remote.write(f.relative_to(root).as_posix(), f.read_bytes())
+    on_s3 = DataConfig(mixture=[{"store": stores["a"], "weight": 0.75},
+                                {"store": url, "weight": 0.25}], seq_len=SEQ)
+    with TrainLoader(gpt(_mixture(stores)), 2, 2, 0, 1, seed=5) as ld:
+        want = _take(ld, 12)
+    with TrainLoader(gpt(on_s3), 2, 2, 0, 1, seed=5) as ld:
+        got = _take(ld, 12)
+        assert not ld.windows.stores[1].local
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_read_ahead_fetches_exactly_the_chunks_of_the_step_asked_for(stores, s3_server,
+                                                                     monkeypatch, tmp_path):
+    """The loader knows every future step's windows from the global order: asking for step 7
+    fetches the chunks of rank 1's step-7 windows, and nothing else."""
+    from pathlib import Path
+
+    from zeroforge.data_prep.store import Layout
+
+    s3_server.use(monkeypatch)
+    url = s3_server.new_bucket() + "/a"
+    small = Layout(shard_tokens=1024, chunk_tokens=128, offsets_shard=1024, offsets_chunk=256)
+    build_store([str(Path(stores["a"]).parent / "a.txt")], url, PrepOptions(
+        val_fraction=0.2, source=SourceOptions(text_mode="line"), layout=small, progress=False))
+    cache = tmp_path / "cache"
+    cfg = DataConfig(store=url, seq_len=SEQ, cache_dir=str(cache))
+    ld = TrainLoader(gpt(cfg), 2, 2, 1, 2, seed=3)
+    store = ld.windows.stores[0]
+    layout = store.layout
+    _, windows = ld.step_windows(7)
+    assert len(windows) == 4  # micro-batch 2 x 2 accumulation steps, this rank's share
+    assert store.split("train").n_tokens > 10 * small.chunk_tokens
+    ld.read_ahead(7)
+    store.close()  # waits for the background fetches
+    chunks = {(int(p.parent.name), int(p.name)) for p in cache.rglob("*")
+              if p.is_file() and "train/tokens" in p.as_posix() and p.name.isdigit()}
+    want = set()
+    for w in windows.tolist():
+        for t in (w * SEQ, w * SEQ + SEQ):  # first and last token of the window
+            shard, within = divmod(t, layout.shard_tokens)
+            want.add((shard, within // layout.chunk_tokens))
+    assert chunks == want
+    ld.close()

@@ -69,3 +69,28 @@ def test_fit_in_process_and_exact_resume(store, device, tmp_path):
         assert torch.equal(a, b)
     val = [r for r in read_metrics(tmp_path / "full") if "val/loss" in r]
     assert [r["step"] for r in val] == [6] and val[0]["val/tokens"] == 4 * 32
+
+
+def test_training_from_s3_gives_the_same_losses_as_from_disk(store, device, tmp_path, s3_server,
+                                                              monkeypatch):
+    """The same store, on local disk and in a bucket of a real S3 server: bitwise the same
+    losses and weights (the read-ahead, the chunk cache and the ranged GETs change nothing)."""
+    from zeroforge.data_prep.locations import open_storage
+
+    s3_server.use(monkeypatch)
+    monkeypatch.setenv("ZEROFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    url = s3_server.new_bucket() + "/pydoc"
+    remote = open_storage(url)
+    for f in sorted(p for p in store.rglob("*") if p.is_file()):
+        remote.write(f.relative_to(store).as_posix(), f.read_bytes())
+    _, w_disk = _train(store, tmp_path / "disk", device, 6)
+    run, w_s3 = _train(url, tmp_path / "s3", device, 6)
+    assert not run.loader.windows.stores[0].local
+
+    def losses(run_dir):
+        return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_metrics(run_dir)]
+
+    assert losses(tmp_path / "s3") == losses(tmp_path / "disk")
+    for a, b in zip(w_s3, w_disk, strict=True):
+        assert torch.equal(a, b)
+    assert any((tmp_path / "cache").rglob("*")), "the run read no chunk through the cache"
