@@ -5,9 +5,10 @@ Parity: on the same checkpoint, exported to Hugging Face format, our LM gives th
 and the same per-document answers (log-likelihoods, generated text) as the harness's own
 Hugging Face backend (`--model hf`), for GPT-2 and, through its seq2seq form, the
 encoder-decoder. Two faults of that backend with an encoder-decoder are worked around on its
-side, each shown by a test here: it scores an untied T5 head (ours, T5 v1.1's) with the input
-embedding instead (`_hf_backend`), and it generates more than a task's `max_gen_toks` (the
-twin task `GEN_HF_SEQ2SEQ`, tests/helpers/harness_tasks.py).
+side: it scores an untied T5 head (ours, T5 v1.1's) with the input embedding instead (the
+reference gets the checkpoint's head back, tests/helpers/hf_backend.py; a test here shows the
+fault), and it generates more than a task's `max_gen_toks` (the twin task `GEN_HF_SEQ2SEQ`,
+tests/helpers/harness_tasks.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from lm_eval import simple_evaluate
+from zeroforge.data_prep.tokenize import get_encoding
+from zeroforge.pipeline.results.harness import ZeroforgeLM, task_manager
+from zeroforge.pipeline.results.weights import load_model
 
 from tests.e2e.conftest import PYTHON, REPO, launch, tiny_overrides
 from tests.helpers.harness_tasks import GEN, GEN_HF_SEQ2SEQ, MC, PPL, write_tasks
+from tests.helpers.hf_backend import checkpoint_head, hf_backend
 
 T5_CONFIG = str(REPO / "configs" / "t5-tiny-cpu.yaml")
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -77,35 +82,7 @@ def t5_export(t5_run, tmp_path_factory):
     return _export(t5_run, tmp_path_factory.mktemp("harness-t5-export") / "hf")
 
 
-def _checkpoint_head(export_dir):
-    """The export's own output head (None: the checkpoint ties it to the input embedding)."""
-    return load_file(str(export_dir / "model.safetensors")).get("lm_head.weight")
-
-
-def _hf_backend(export_dir, restore_head=True):
-    """The harness's Hugging Face backend (`--model hf`) on an export, fp32 on CPU.
-
-    lm-eval 0.4.13 calls `model.tie_weights()` after loading; transformers >= 5 recomputes T5's
-    tying from a config whose `tie_word_embeddings` it always sets to True, so the separate
-    head of an untied T5 (T5 v1.1's, ours), which `from_pretrained` kept, becomes the input
-    embedding. `restore_head` puts the checkpoint's head back (a no-op where the backend kept
-    it): the backend then scores the model `T5ForConditionalGeneration.from_pretrained` loads.
-    test_hf_backend_scores_an_untied_t5_head_with_the_input_embedding shows the fault.
-    """
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=str(export_dir), dtype="float32", device="cpu", batch_size=4)
-    head = _checkpoint_head(export_dir)
-    if restore_head and head is not None and not torch.equal(lm.model.lm_head.weight, head):
-        lm.model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
-    return lm
-
-
 def _ours(run_dir):
-    from zeroforge.data_prep.tokenize import get_encoding
-    from zeroforge.pipeline.results.harness import ZeroforgeLM
-    from zeroforge.pipeline.results.weights import load_model
-
     model, info = load_model(run_dir)
     return ZeroforgeLM(model, info.family, get_encoding("gpt2"), 5)
 
@@ -113,9 +90,6 @@ def _ours(run_dir):
 def _both(ours, theirs, tasks, pairs, limit=None):
     """(ours, the hf backend's) results with per-document samples, in this process; ``pairs``
     are (our task, the backend's task) names."""
-    from lm_eval import simple_evaluate
-    from zeroforge.pipeline.results.harness import task_manager
-
     manager = task_manager(str(tasks))
     out = []
     for lm, names in ((ours, [a for a, _ in pairs]), (theirs, [b for _, b in pairs])):
@@ -152,7 +126,7 @@ def _assert_same(ours, theirs, pairs):
 
 def test_gpt2_equals_the_hf_backend(gpt_run, tasks, tmp_path):
     pairs = [(MC, MC), (GEN, GEN), (PPL, PPL)]
-    ours, theirs = _both(_ours(gpt_run), _hf_backend(_export(gpt_run, tmp_path / "hf")), tasks,
+    ours, theirs = _both(_ours(gpt_run), hf_backend(_export(gpt_run, tmp_path / "hf")), tasks,
                          pairs)
     _assert_same(ours, theirs, pairs)
     # Cut at the stop strings (a 30-step model's text often starts with one: then it is "";
@@ -169,7 +143,7 @@ def test_encdec_equals_the_hf_backend_seq2seq(t5_run, t5_export, tasks):
     # The backend's generation runs the twin task: GEN's settings, its token limit counted the
     # way the backend's seq2seq path counts it (tests/helpers/harness_tasks.py).
     pairs = [(MC, MC), (PPL, PPL), (GEN, GEN_HF_SEQ2SEQ)]
-    ours, theirs = _both(_ours(t5_run), _hf_backend(t5_export), tasks, pairs)
+    ours, theirs = _both(_ours(t5_run), hf_backend(t5_export), tasks, pairs)
     _assert_same(ours, theirs, pairs)
     # Greedy text compared, not only ""s: equal text of up to GEN_MAX_TOKENS tokens says both
     # decode the same tokens and stop at the same place.
@@ -178,12 +152,12 @@ def test_encdec_equals_the_hf_backend_seq2seq(t5_run, t5_export, tasks):
 
 
 def test_hf_backend_scores_an_untied_t5_head_with_the_input_embedding(t5_run, t5_export, tasks):
-    """Why `_hf_backend` restores the head: unrestored, the backend's numbers are those of our
+    """Why `hf_backend` restores the head: unrestored, the backend's numbers are those of our
     model with its head replaced by the input embedding, document by document (lm-eval 0.4.13,
     transformers 5.x; the multiple-choice accuracy of the 24 documents was 0.33 there and 0.21
     for the checkpoint's own model)."""
-    theirs = _hf_backend(t5_export, restore_head=False)
-    head = _checkpoint_head(t5_export)
+    theirs = hf_backend(t5_export, restore_head=False)
+    head = checkpoint_head(t5_export)
     assert head is not None  # the export keeps T5 v1.1's separate head
     if torch.equal(theirs.model.lm_head.weight, head):
         pytest.skip("this transformers keeps an untied T5 head through lm-eval's tie_weights()")

@@ -27,6 +27,12 @@ GEN_MAX_TOKENS = 12
 N_DOCS = 24
 
 
+def hf_backend_task(task: str, backend: str) -> str:
+    """The task the harness's Hugging Face backend runs to match ours on ``task``, for a model
+    of the harness form ``backend`` (``causal``, ``seq2seq``)."""
+    return GEN_HF_SEQ2SEQ if task == GEN and backend == "seq2seq" else task
+
+
 def _prose_lines() -> list[list[str]]:
     """Word lists of prose lines (no markup, no code), one per topic, in topic order."""
     out = []
