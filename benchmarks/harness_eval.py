@@ -8,7 +8,10 @@ back); the tasks are the builtin ones of tests/helpers/harness_tasks.py (multipl
 generation, perplexity), offline. For a seq2seq model the backend runs the generation task's
 twin, so both generate the same number of tokens. Both LMs are built once; each round
 evaluates every task with ours and then theirs, and the table gives the median seconds per
-task and the ratio theirs/ours (> 1: ours is faster).
+task and the ratio theirs/ours (> 1: ours is faster): for the whole evaluation
+(``simple_evaluate``: prompts, metrics and the harness's environment report, ~1 s, included)
+and for the LM's requests alone (the task's requests, built once, through the LM's
+``loglikelihood`` / ``generate_until`` / ``loglikelihood_rolling``).
 
     python benchmarks/harness_eval.py [--config gpt2-mini|t5-tiny] [--batch-size 16] [--rounds 3]
 """
@@ -31,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
 
 import torch  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager, get_task_dict  # noqa: E402
 from zeroforge.data_prep.tokenize import get_encoding  # noqa: E402
 from zeroforge.pipeline import registry  # noqa: E402
 from zeroforge.pipeline.results.export import write_gpt2_tokenizer_files  # noqa: E402
@@ -69,7 +74,7 @@ def main() -> None:
         manager = task_manager(str(write_tasks(tmp / "tasks")))
         ours = ZeroforgeLM(model, family, get_encoding("gpt2"), args.batch_size)
         theirs = hf_backend(tmp / "hf", args.batch_size)
-        times: dict[tuple[str, str], list[float]] = {}
+        times: dict[tuple[str, str, str], list[float]] = {}
         for _ in range(args.rounds):
             for task in (MC, GEN, PPL):
                 for name, lm, name_of_task in (
@@ -78,17 +83,30 @@ def main() -> None:
                     t0 = time.perf_counter()
                     simple_evaluate(model=lm, tasks=[name_of_task], task_manager=manager,
                                     log_samples=False, bootstrap_iters=0)
-                    times.setdefault((task, name), []).append(time.perf_counter() - t0)
+                    times.setdefault((task, name, "task"), []).append(time.perf_counter() - t0)
+                    kind, instances = requests(name_of_task, manager)
+                    t0 = time.perf_counter()
+                    getattr(lm, kind)(instances, disable_tqdm=True)
+                    times.setdefault((task, name, "requests"), []).append(
+                        time.perf_counter() - t0)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{family.name} {args.config} ({n_params / 1e6:.1f}M params), batch {args.batch_size}, "
           f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
-    print("| task | ours s | hf backend s | hf / ours |")
-    print("|---|---|---|---|")
+    print("| task | timed | ours s | hf backend s | hf / ours |")
+    print("|---|---|---|---|---|")
     for task in (MC, GEN, PPL):
-        a = statistics.median(times[(task, "ours")])
-        b = statistics.median(times[(task, "hf")])
-        print(f"| {task} | {a:.2f} | {b:.2f} | **{b / a:.2f}** |")
+        for what in ("task", "requests"):
+            a = statistics.median(times[(task, "ours", what)])
+            b = statistics.median(times[(task, "hf", what)])
+            print(f"| {task} | {what} | {a:.2f} | {b:.2f} | **{b / a:.2f}** |")
+
+
+def requests(task: str, manager: TaskManager) -> tuple[str, list[Instance]]:
+    """The task's requests as the evaluator builds them, and their kind (the LM method)."""
+    built = get_task_dict([task], manager)[task]
+    built.build_all_requests(rank=0, world_size=1)
+    return built.instances[0].request_type, built.instances
 
 
 if __name__ == "__main__":
