@@ -172,7 +172,10 @@ def _gpt2_loop(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: in
     step_input = ids
     for _ in range(max_new_tokens):
         feed = step_input if use_cache else ids
-        logits = model(feed, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
+        # The LM head at the last position only: at a small width it is most of a step's
+        # FLOPs, and a prompt's first step would otherwise run it at every prompt position.
+        hidden = model.hidden_states(feed, attention_mask=mask, cache=cache)[:, -1]  # (B, C)
+        logits = model.logits(hidden)  # (B, V)
         if finish.add(sample_next(logits, **pick)):  # (B,) tokens
             break
         nxt = finish.steps[-1]

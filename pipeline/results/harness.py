@@ -13,7 +13,8 @@
 
 The tokenization, truncation and stop rules are the Hugging Face backend's
 (``lm_eval --model hf``), so on an exported checkpoint both give the same numbers
-(tests/pipeline/test_harness.py).
+(tests/e2e/test_harness.py; for an encoder-decoder that backend has two faults of its own,
+docs/evaluation.md says which and how the test works around them).
 
 Several ranks share the work through the harness's own data-parallel path: each rank takes
 every world-th document of each task, runs it on its own full copy of the model, and rank 0

@@ -4,6 +4,14 @@ log-likelihood) task, each a YAML file over a local JSONL file in one folder (th
 harness's include path).
 
     folder = write_tasks(tmp_path)   # tasks "pydoc_mc", "pydoc_gen", "pydoc_ppl"
+
+``GEN_HF_SEQ2SEQ`` is the generation task as the harness's Hugging Face backend needs it to
+generate ``GEN``'s ``GEN_MAX_TOKENS`` tokens from an encoder-decoder, the reference our
+encoder-decoder is compared with (tests/e2e/test_harness.py): that backend's seq2seq path hands
+``generate()`` ``max_length`` = the batch's longest context + ``max_gen_toks``, which for an
+encoder-decoder counts decoder tokens from the start token, so it would generate up to
+(context length + ``max_gen_toks`` - 1) tokens. A ``max_length`` in the task's generation
+settings replaces that sum; this twin sets it to the start token + ``GEN_MAX_TOKENS``.
 """
 
 from __future__ import annotations
@@ -14,7 +22,15 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 MC, GEN, PPL = "pydoc_mc", "pydoc_gen", "pydoc_ppl"
+GEN_HF_SEQ2SEQ = "pydoc_gen_hf_seq2seq"
+GEN_MAX_TOKENS = 12
 N_DOCS = 24
+
+
+def hf_backend_task(task: str, backend: str) -> str:
+    """The task the harness's Hugging Face backend runs to match ours on ``task``, for a model
+    of the harness form ``backend`` (``causal``, ``seq2seq``)."""
+    return GEN_HF_SEQ2SEQ if task == GEN and backend == "seq2seq" else task
 
 
 def _prose_lines() -> list[list[str]]:
@@ -55,12 +71,16 @@ def write_tasks(folder: Path) -> Path:
         "output_type: multiple_choice\n"
         "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"))
-    _write(folder, GEN, gen, (
-        "output_type: generate_until\n"
-        "doc_to_text: '{{context}}'\ndoc_to_target: '{{target}}'\ntarget_delimiter: ''\n"
-        "generation_kwargs:\n  until: [\"\\n\\n\", \" def\"]\n  max_gen_toks: 12\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
-        "    higher_is_better: true\n"))
+    def generation(extra: str = "") -> str:
+        return ("output_type: generate_until\n"
+                "doc_to_text: '{{context}}'\ndoc_to_target: '{{target}}'\ntarget_delimiter: ''\n"
+                "generation_kwargs:\n  until: [\"\\n\\n\", \" def\"]\n"
+                f"  max_gen_toks: {GEN_MAX_TOKENS}\n  do_sample: false\n" + extra +
+                "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+                "    higher_is_better: true\n")
+
+    _write(folder, GEN, gen, generation())
+    _write(folder, GEN_HF_SEQ2SEQ, gen, generation(f"  max_length: {GEN_MAX_TOKENS + 1}\n"))
     # Long enough that a 256-position model needs several rolling windows per document.
     ppl = [{"text": topics[name][:1600]} for name in sorted(topics)[:6]]
     _write(folder, PPL, ppl, (
