@@ -5,6 +5,12 @@ Layout (docs/token-store.md has the full description):
     STORE/zarr.json             root group; attributes describe the store (see `describe`)
     STORE/<split>/tokens        1-D uint16|uint32, the split's documents back to back
     STORE/<split>/doc_offsets   1-D int64, n_docs + 1, from 0; doc i = tokens[off[i]:off[i+1]]
+    STORE/<split>/loss_mask     1-D uint8 aligned with tokens (version 2: fine-tuning examples);
+                                1 on the tokens that carry loss (responses, targets, each EOT)
+
+Version 1 stores hold text; version 2 stores hold fine-tuning examples (`--format sft|pairs`)
+and describe them in the `examples` attribute. Text stores are still written as version 1, so
+a text build is byte-identical to one made before version 2 existed; the reader reads both.
 
 Both arrays use Zarr's sharding codec: a shard (one file) holds many inner chunks, each chunk
 followed by its CRC-32C, and an index (with its own CRC-32C) at the end of the shard.
@@ -38,8 +44,11 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from .checksum import crc32
 
 FORMAT_NAME = "zeroforge-token-store"
-FORMAT_VERSION = 1
+TEXT_FORMAT_VERSION = 1  # documents only
+EXAMPLES_FORMAT_VERSION = 2  # + loss_mask, counts.loss_tokens, checksums.loss_mask, examples
+FORMAT_VERSIONS = (TEXT_FORMAT_VERSION, EXAMPLES_FORMAT_VERSION)
 SPLITS = ("train", "val")
+LOSS_MASK = "loss_mask"
 CODECS = ("none", "zstd")
 _MISSING = np.uint64(2**64 - 1)  # shard-index entry of an absent chunk
 _CRC_BYTES = 4
@@ -78,8 +87,10 @@ def _compressors(codec: str) -> list:
     return [Crc32cCodec()] if codec == "none" else [ZstdCodec(level=3), Crc32cCodec()]
 
 
-def create_split_arrays(group, split: str, dtype: np.dtype, layout: Layout) -> None:
-    """Empty `tokens` and `doc_offsets` arrays for one split inside an open zarr group."""
+def create_split_arrays(group, split: str, dtype: np.dtype, layout: Layout,
+                        loss_mask: bool = False) -> None:
+    """Empty `tokens` and `doc_offsets` arrays (and `loss_mask`, sharded like the tokens so a
+    multi-part build moves its shards the same way) for one split inside an open zarr group."""
     sub = group.require_group(split)
     common = {"fill_value": 0, "config": {"write_empty_chunks": True}, "overwrite": True}
     sub.create_array(
@@ -100,6 +111,16 @@ def create_split_arrays(group, split: str, dtype: np.dtype, layout: Layout) -> N
         compressors=_compressors(layout.codec),
         **common,
     )
+    if loss_mask:
+        sub.create_array(
+            LOSS_MASK,
+            shape=(0,),
+            dtype=np.uint8,
+            chunks=(layout.chunk_tokens,),
+            shards=(layout.shard_tokens,),
+            compressors=_compressors(layout.codec),
+            **common,
+        )
 
 
 # --- fast local reads ------------------------------------------------------------------------------
@@ -172,7 +193,7 @@ os.register_at_fork(after_in_child=lambda: [r._after_fork() for r in list(_live_
 
 
 class SplitReader:
-    """Random access to one split: `tokens(a, b)`, `doc(i)`, sizes."""
+    """Random access to one split: `tokens(a, b)`, `loss_mask(a, b)`, `doc(i)`, sizes."""
 
     def __init__(self, store: TokenStore, name: str):
         self.store, self.name = store, name
@@ -184,7 +205,9 @@ class SplitReader:
         layout = store.layout
         self._shard, self._chunk = layout.shard_tokens, layout.chunk_tokens
         self._codec = layout.codec
-        self._shards: dict[int, _ShardFile] = {}
+        self._shards: dict[tuple[str, int], _ShardFile] = {}
+        self.has_loss_mask = store.examples is not None
+        self.n_loss_tokens: int = int(info.get("loss_tokens", 0))
         self._lock = threading.Lock()
         self._identity = len(self.segments) <= 1 and all(lg == ph for lg, ph, _ in self.segments)
         _live_readers.add(self)
@@ -213,57 +236,71 @@ class SplitReader:
 
     def tokens(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the logical stream (a copy)."""
+        return self._logical("tokens", a, b, self.store.dtype)
+
+    def loss_mask(self, a: int, b: int) -> np.ndarray:
+        """uint8 loss mask of tokens [a, b) (a copy): 1 where the token carries loss. Only
+        version-2 stores (fine-tuning examples) have one."""
+        if not self.has_loss_mask:
+            raise StoreError(f"{self.store.path}: a text store has no loss mask; build it with "
+                             "`zeroforge prep --format sft|pairs`")
+        return self._logical(LOSS_MASK, a, b, np.dtype(np.uint8))
+
+    def _logical(self, array: str, a: int, b: int, dtype: np.dtype) -> np.ndarray:
+        """Elements [a, b) of the logical stream of ``array`` (tokens or loss_mask), mapped
+        through the segments."""
         if not 0 <= a <= b <= self.n_tokens:
-            raise IndexError(f"tokens[{a}:{b}] out of range for split {self.name} ({self.n_tokens} tokens)")
+            raise IndexError(f"{array}[{a}:{b}] out of range for split {self.name} ({self.n_tokens} tokens)")
         if self._identity:  # single build: logical == physical
-            return self._physical(a, b)
+            return self._physical(array, a, b, dtype)
         parts = []
         for logical, physical, length in self.segments:
             lo, hi = max(a, logical), min(b, logical + length)
             if lo < hi:
-                parts.append(self._physical(physical + lo - logical, physical + hi - logical))
+                parts.append(self._physical(array, physical + lo - logical, physical + hi - logical, dtype))
         if not parts:
-            return np.empty(0, dtype=self.store.dtype)
+            return np.empty(0, dtype=dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _physical(self, a: int, b: int) -> np.ndarray:
+    def _physical(self, array: str, a: int, b: int, dtype: np.dtype) -> np.ndarray:
         if not self.store.local:
             try:
-                return np.asarray(self._arrays["tokens"][a:b])
+                return np.asarray(self._arrays[array][a:b])
             except ValueError as exc:  # zarr's own CRC-32C check on a chunk
-                raise StoreError(f"{self.store.path}/{self.name}/tokens[{a}:{b}]: {exc}") from exc
+                raise StoreError(f"{self.store.path}/{self.name}/{array}[{a}:{b}]: {exc}") from exc
         out, pos = [], a
         while pos < b:
             shard, within = divmod(pos, self._shard)
             c, start = divmod(within, self._chunk)
             stop = min(self._chunk, start + (b - pos))
-            f = self._shards.get(shard) or self._shard_file(shard)
-            out.append(f.read(c, start, stop, self.store.dtype))
+            f = self._shards.get((array, shard)) or self._shard_file(array, shard)
+            out.append(f.read(c, start, stop, dtype))
             pos += stop - start
         if len(out) == 1:
             # frombuffer views are read-only; training code wants its own writable array.
             return out[0].copy()
-        return np.concatenate(out) if out else np.empty(0, dtype=self.store.dtype)
+        return np.concatenate(out) if out else np.empty(0, dtype=dtype)
 
-    def _shard_file(self, k: int) -> _ShardFile:
-        f = self._shards.get(k)
+    def _shard_file(self, array: str, k: int) -> _ShardFile:
+        f = self._shards.get((array, k))
         if f is None:
             with self._lock:
-                f = self._shards.get(k)
+                f = self._shards.get((array, k))
                 if f is None:
-                    f = self._open_shard(k)
-                    self._shards[k] = f
+                    f = self._open_shard(array, k)
+                    self._shards[(array, k)] = f
         return f
 
     def _after_fork(self) -> None:
         # A forked child (e.g. a DataLoader worker) must not share file offsets or locks.
         self._shards, self._lock = {}, threading.Lock()
 
-    def _open_shard(self, k: int) -> _ShardFile:
-        path = os.path.join(self.store.path, self.name, "tokens", "c", str(k))
-        label = f"{self.store.path}/{self.name}/tokens shard c/{k}"
+    def _open_shard(self, array: str, k: int) -> _ShardFile:
+        path = os.path.join(self.store.path, self.name, array, "c", str(k))
+        label = f"{self.store.path}/{self.name}/{array} shard c/{k}"
         n_chunks = self._shard // self._chunk
-        f = _ShardFile(path, label, n_chunks, self._chunk, self.store.dtype.itemsize, self._codec)
+        itemsize = self.store.dtype.itemsize if array == "tokens" else 1
+        f = _ShardFile(path, label, n_chunks, self._chunk, itemsize, self._codec)
         # Every chunk that holds referenced tokens must exist: zarr would return zeros for it.
         lo, hi = k * self._shard, (k + 1) * self._shard
         for _, physical, length in self.segments:
@@ -273,11 +310,14 @@ class SplitReader:
         return f
 
     def check_shards(self) -> None:
-        """Open every shard that holds referenced tokens: missing files or chunks raise."""
+        """Open every shard that holds referenced tokens (and loss-mask bytes): missing files or
+        chunks raise."""
+        arrays = ("tokens", LOSS_MASK) if self.has_loss_mask else ("tokens",)
         for _, physical, length in self.segments:
             if length:
                 for k in range(physical // self._shard, (physical + length - 1) // self._shard + 1):
-                    self._shard_file(k)
+                    for array in arrays:
+                        self._shard_file(array, k)
 
     def close(self) -> None:
         for f in self._shards.values():
@@ -298,6 +338,9 @@ class TokenStore:
         self.dtype = np.dtype(attrs["dtype"])
         self.layout = Layout(**attrs["layout"])
         self.splits: tuple[str, ...] = tuple(attrs["counts"])
+        self.format_version = int(attrs["format_version"])
+        # Version 2: how the examples were made (examples.ExampleOptions.describe); None: text.
+        self.examples: dict[str, Any] | None = attrs.get("examples")
         self._readers: dict[str, SplitReader] = {}
 
     @classmethod
@@ -312,8 +355,10 @@ class TokenStore:
             raise StoreError(f"{path}: cannot open as a Zarr v3 group ({exc})") from exc
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{path}: not a {FORMAT_NAME} (format={attrs.get('format')!r})")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: format version {attrs.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        if attrs.get("format_version") not in FORMAT_VERSIONS:
+            raise StoreError(f"{path}: format version {attrs.get('format_version')} is not supported (this zeroforge reads {', '.join(map(str, FORMAT_VERSIONS))})")
+        if attrs["format_version"] == EXAMPLES_FORMAT_VERSION and not isinstance(attrs.get("examples"), dict):
+            raise StoreError(f"{path}: a version-2 store without its `examples` attribute")
         if not attrs.get("complete"):
             raise StoreError(f"{path}: the build did not complete; rerun the same `zeroforge prep` command to finish it")
         store = cls(path, group, attrs)
@@ -335,6 +380,11 @@ class TokenStore:
         return self._readers[name]
 
     @property
+    def examples_format(self) -> str:
+        """``text``, ``sft`` or ``pairs``."""
+        return "text" if self.examples is None else str(self.examples["format"])
+
+    @property
     def fingerprint(self) -> str:
         """Content id: changes whenever any token, document boundary or prep setting changes."""
         return f"{self.attrs['prep_config_hash'][:16]}-" + "-".join(
@@ -351,7 +401,8 @@ def describe(store: TokenStore) -> dict[str, Any]:
     size = sum(f.stat().st_size for f in Path(store.path).rglob("*") if f.is_file()) if store.local else None
     return {
         "path": store.path,
-        "format": f"{FORMAT_NAME} v{FORMAT_VERSION}",
+        "format": f"{FORMAT_NAME} v{store.format_version}",
+        "examples": store.examples,
         "tokenizer": store.attrs["tokenizer"],
         "dtype": store.attrs["dtype"],
         "splits": store.attrs["counts"],
