@@ -35,6 +35,8 @@ from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.tasks.base import Layout, SpecialIds, Task
 from zeroforge.pipeline.tasks.next_token import NextToken
+from zeroforge.pipeline.tasks.seq2seq import SequenceToSequence
+from zeroforge.pipeline.tasks.sft import SupervisedFineTuning
 from zeroforge.pipeline.tasks.span_corruption import SpanCorruption
 
 ModelConfig = GPT2Config | EncDecConfig
@@ -77,13 +79,15 @@ def _encdec_special(cfg: EncDecConfig) -> SpecialIds:
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt",), "gpt2", generate_gpt2, save_gpt2_hf,
-                   load_gpt2_hf, _gpt2_flops, _gpt2_special),
-    "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5",), "t5", generate_encdec,
-                     save_encdec_hf, load_encdec_hf, _encdec_flops, _encdec_special),
+    "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt", "sft"), "gpt2", generate_gpt2,
+                   save_gpt2_hf, load_gpt2_hf, _gpt2_flops, _gpt2_special),
+    "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5", "seq2seq"), "t5",
+                     generate_encdec, save_encdec_hf, load_encdec_hf, _encdec_flops,
+                     _encdec_special),
 }
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NextToken, SpanCorruption)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
+    NextToken, SpanCorruption, SupervisedFineTuning, SequenceToSequence)}
 
 
 def family(name: str) -> Family:
@@ -123,6 +127,8 @@ def task_name(family_name: str, requested: str | None) -> str:
     return requested
 
 
-def make_task(name: str, data: DataConfig, model_config: ModelConfig) -> Task:
-    """Task ``name`` bound to ``data`` and the special ids of ``model_config``'s family."""
-    return TASKS[name](data, family_of(model_config).special_ids(model_config))
+def make_task(name: str, data: DataConfig, model_config: ModelConfig,
+              examples: dict[str, Any] | None = None) -> Task:
+    """Task ``name`` bound to ``data``, the special ids of ``model_config``'s family and the
+    stores' ``examples`` description (fine-tuning stores; None for text)."""
+    return TASKS[name](data, family_of(model_config).special_ids(model_config), examples)

@@ -60,6 +60,9 @@ class CheckpointInfo:
     store_fingerprint: str | None
     zero_stage: int
     run_config: dict[str, Any] = field(default_factory=dict)
+    # The data loader's order identity (training/loop.py saves it): the task's settings, e.g.
+    # the fine-tuning store's examples description with its template.
+    data_order: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"checkpoint": str(self.tag_dir), "step": self.step, "family": self.family.name,
@@ -179,7 +182,8 @@ def read_checkpoint(path: str | Path, weights: bool = True
         tag_dir=tag_dir, step=int(states.get("step", marker.get("step", 0))), family=family,
         model_config=family.config_cls.from_dict(model_dict), tokenizer=_tokenizer_of(states),
         store_fingerprint=states.get("store_fingerprint") or marker.get("store_fingerprint"),
-        zero_stage=_zero_stage(states, tag_dir), run_config=states.get("run_config") or {})
+        zero_stage=_zero_stage(states, tag_dir), run_config=states.get("run_config") or {},
+        data_order=(states.get("data") or {}).get("order") or {})
     if not weights:
         return info, None
     if info.zero_stage >= 1:

@@ -15,7 +15,7 @@ from zeroforge.pipeline import registry
 from zeroforge.pipeline.config import RunConfig, dump_yaml
 from zeroforge.pipeline.data.eval_set import eval_batches
 from zeroforge.pipeline.data.loader import TrainLoader
-from zeroforge.pipeline.data.windows import open_stores, store_fingerprint
+from zeroforge.pipeline.data.windows import open_stores, store_examples, store_fingerprint
 from zeroforge.pipeline.dist import DistEnv
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.results.weights import init_from
@@ -53,7 +53,8 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     """Build model, engine, data and tracker; resume from the newest committed checkpoint."""
     run_dir = Path(cfg.run_dir)
     ckpt_dir = cfg.checkpoint.path(run_dir)
-    fingerprint, vocab, tokenizer = store_info(open_stores(cfg.data))
+    stores = open_stores(cfg.data)
+    fingerprint, vocab, tokenizer = store_info(stores)
     model_config = cfg.build_model_config()
     if model_config.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
@@ -74,7 +75,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
         log.warning("ignoring incomplete checkpoint(s) %s; starting from step 0",
                     [t for _, t in partial])
 
-    task = registry.make_task(cfg.task_name, cfg.data, model_config)
+    task = registry.make_task(cfg.task_name, cfg.data, model_config, store_examples(stores))
     loader = TrainLoader(task, cfg.train.micro_batch_size, cfg.train.grad_accum, d.rank,
                          d.world_size, cfg.train.seed, state=client.get("data"))
     val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)

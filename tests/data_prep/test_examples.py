@@ -23,7 +23,16 @@ from zeroforge.data_prep.store import StoreError, TokenStore
 from zeroforge.data_prep.tokenize import get_encoding
 from zeroforge.data_prep.verify import verify_store
 
-from .conftest import EOT, REPO, TINY, TINY_CLI, root_attrs, store_digest, store_files, zeroforge_cmd
+from .conftest import (
+    EOT,
+    REPO,
+    TINY,
+    TINY_CLI,
+    root_attrs,
+    store_digest,
+    store_files,
+    zeroforge_cmd,
+)
 
 
 def ex_opts(fmt: str = "sft", workers: int = 1, **kw) -> PrepOptions:
