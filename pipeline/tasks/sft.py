@@ -53,6 +53,7 @@ class SupervisedFineTuning(Task):
     name = "sft"
     store_formats = ("sft", "pairs")  # pairs: the source is the prompt, the target the response
     unit_name = "packed window"
+    echo_prompt = False  # the output is a response to the prompt, not its continuation
 
     def make_layout(self) -> Layout:
         n = self.data.seq_len
