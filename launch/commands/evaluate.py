@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     with stdout_to_stderr():
         from zeroforge.pipeline.dist import discover
         from zeroforge.pipeline.results.evaluate import eval_target, evaluate_checkpoint
-
         from zeroforge.pipeline.results.generations import generate_held_out
 
     if args.generate < 0 or args.max_new_tokens < 1:
