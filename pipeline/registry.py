@@ -55,6 +55,8 @@ class Family:
     # Training FLOPs of one example of the given layout (model/flops.py conventions).
     flops_per_example: Callable[[Any, Layout], float]
     special_ids: Callable[[Any], SpecialIds]
+    # Longest prompt + generation the model takes (decoder-only context), None: no such limit.
+    context_length: Callable[[Any], int | None] = lambda cfg: None
 
     def build(self, config: ModelConfig) -> torch.nn.Module:
         return self.model_cls(config)
@@ -80,7 +82,8 @@ def _encdec_special(cfg: EncDecConfig) -> SpecialIds:
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt", "sft"), "gpt2", generate_gpt2,
-                   save_gpt2_hf, load_gpt2_hf, _gpt2_flops, _gpt2_special),
+                   save_gpt2_hf, load_gpt2_hf, _gpt2_flops, _gpt2_special,
+                   context_length=lambda cfg: cfg.n_positions),
     "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5", "seq2seq"), "t5",
                      generate_encdec, save_encdec_hf, load_encdec_hf, _encdec_flops,
                      _encdec_special),

@@ -71,7 +71,7 @@ def generate_held_out(cfg: RunConfig, tag_dir: Path, n: int, out: Path,
                           "; rebuild with --val-fraction > 0)")
     chosen = [every[k * len(every) // min(n, len(every))] for k in range(min(n, len(every)))]
     enc = get_encoding(stores[0].tokenizer)
-    limit = getattr(info.model_config, "n_positions", None)  # decoder-only: context length
+    limit = info.family.context_length(info.model_config)
     rows = []
     for a in range(0, len(chosen), BATCH):
         held = [task.held_out(spans[j].read(i)) for j, i in chosen[a:a + BATCH]]

@@ -320,3 +320,15 @@ def test_verify_checks_the_mask_invariants(tmp_path):
     assert "a pair's mask is not source (0) then target (1) (example 0" in problems
     assert "the first token of an example carries loss (example 1" in problems
     assert "checksum mismatch" in problems and "loss tokens, the store's counts say" in problems
+
+
+def test_cli_strict_names_file_and_line_and_exits_2(tmp_path, zf):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"},
+                                             {"prompt": "p", "response": "r"},
+                                             {"messages": [{"role": "robot", "content": "x"}]}])
+    r = zf("prep", src, "--out", tmp_path / "s", "--format", "sft", "--strict", *TINY_CLI)
+    assert r.rc == 2 and "d.jsonl:3: unknown role (message 1: 'robot'" in r.text
+    r = zf("prep", src, "--out", tmp_path / "ok", "--format", "sft", *TINY_CLI)
+    assert r.rc == 0 and "skipped 1 records" in r.text
+    r = zf("inspect", tmp_path / "ok")
+    assert "examples    sft  template plain" in r.out and "loss tokens" in r.out

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -26,12 +27,15 @@ from zeroforge.data_prep.build import PrepOptions, build_store
 from zeroforge.data_prep.examples import ExampleOptions
 from zeroforge.data_prep.pydoc_qa import pydoc_qa
 from zeroforge.data_prep.tokenize import get_encoding
+from zeroforge.model import Sampling
 from zeroforge.pipeline.config import load_run_config
 from zeroforge.pipeline.dist import PreemptionFlag, discover
 from zeroforge.pipeline.errors import EXIT_OK
 from zeroforge.pipeline.registry import make_task
 from zeroforge.pipeline.results.evaluate import evaluate_checkpoint
 from zeroforge.pipeline.results.export import export
+from zeroforge.pipeline.results.generations import generate_held_out
+from zeroforge.pipeline.results.sample import sample
 from zeroforge.pipeline.results.weights import resolve_checkpoint
 from zeroforge.pipeline.tasks.base import IGNORE_INDEX
 from zeroforge.pipeline.training.loop import fit
@@ -183,3 +187,18 @@ def test_learning_check_random_prompts_fixed_response(device, tmp_path):
     every = evaluate_checkpoint(cfg.model_copy(update={"task": "gpt"}), tag)["val/loss"]
     assert masked < 0.1, masked
     assert every > 2.0, every
+    # Held-out generations (zeroforge eval --generate) reproduce the response exactly.
+    scores = generate_held_out(cfg, tag, 4, tmp_path / "gen.jsonl", max_new_tokens=16)
+    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert scores["generate/examples"] == len(rows) == 4
+    assert scores["generate/exact_match"] == 1.0 and scores["generate/f1"] == 1.0
+    assert {r["reference"] for r in rows} == {"The answer is forty-two."}
+    # zeroforge sample renders a new prompt through the template saved with the checkpoint
+    # (the store is gone), and the model answers it as it learnt to.
+    shutil.rmtree(store)
+    out = sample(tag, "w1 w2 w3 w400", 16, 1, Sampling())
+    assert out.task.template is not None and out.task.template.name == "plain"
+    enc = get_encoding("gpt2")
+    assert out.task.prompt_ids("w1 w2 w3 w400", enc) == enc.encode_ordinary("w1 w2 w3 w400") + \
+        enc.encode_ordinary("\n")
+    assert out.texts == ["The answer is forty-two.\n"]
