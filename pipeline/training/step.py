@@ -23,12 +23,11 @@ def train_step(run: Run, batches: Iterator[dict], preempt: PreemptionFlag
     """One optimizer step over ``grad_accum`` micro-batches.
 
     Returns (mean token loss of the step over micro-batches and ranks, step skipped, stop
-    requested). Every
-    micro-batch all-reduces [non-finite flag, stop flag, loss] so all ranks agree on skipping
-    and on preemption at the same boundary. A non-finite loss on any rank poisons the step:
-    from then on every rank backpropagates NaN, so ZeRO's invalid-gradient-norm check discards
-    the update everywhere (parameters and optimizer state unchanged); plain stage 0 drops the
-    gradients itself (``skip_step_manually``).
+    requested). Every micro-batch all-reduces [non-finite flag, stop flag, loss] so all ranks
+    agree on skipping and on preemption at the same boundary. A non-finite loss on any rank
+    poisons the step: from then on every rank backpropagates NaN, so ZeRO's invalid-gradient-
+    norm check discards the update everywhere (parameters and optimizer state unchanged);
+    plain stage 0 drops the gradients itself (``skip_step_manually``).
     """
     engine, d = run.engine, run.dist
     step_no = run.state.step + 1

@@ -332,3 +332,25 @@ def test_cli_strict_names_file_and_line_and_exits_2(tmp_path, zf):
     assert r.rc == 0 and "skipped 1 records" in r.text
     r = zf("inspect", tmp_path / "ok")
     assert "examples    sft  template plain" in r.out and "loss tokens" in r.out
+
+
+def test_parquet_and_saved_hf_datasets_read_like_jsonl(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chats = [[{"role": "user", "content": f"question {i}"},
+              {"role": "assistant", "content": f"answer {i}"}] for i in range(12)]
+    rows = [{"messages": c} for c in chats]
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    pairs = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(12)]
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "p.parquet")
+    got = {}
+    for name in ("c.jsonl", "c.parquet", "hf", "p.parquet"):
+        build_store([str(tmp_path / name)], tmp_path / f"s-{name}", ex_opts("sft", template="chat"))
+        got[name] = [(t.tolist(), m.tolist()) for t, m in examples_of(
+            TokenStore.open(tmp_path / f"s-{name}").split("train"))]
+    assert len(got["c.jsonl"]) == 12
+    assert got["c.parquet"] == got["c.jsonl"] == got["hf"] == got["p.parquet"]

@@ -20,6 +20,9 @@ from zeroforge.data_prep.examples import ExampleOptions
 
 from tests.e2e.conftest import REPO, launch, losses, tiny_overrides
 
+# Four launches per task in one fixture: more than the default 600 s on a busy 2-core machine.
+pytestmark = pytest.mark.timeout(1500)
+
 STEPS = 8
 SAMPLE_IDS = {"ZEROFORGE_DEBUG_SAMPLE_IDS": "1"}
 TASKS = {
