@@ -36,7 +36,7 @@ from zeroforge.pipeline.results.evaluate import evaluate_checkpoint
 from zeroforge.pipeline.results.export import export
 from zeroforge.pipeline.results.generations import generate_held_out
 from zeroforge.pipeline.results.sample import sample
-from zeroforge.pipeline.results.weights import resolve_checkpoint
+from zeroforge.pipeline.results.weights import read_checkpoint, resolve_checkpoint
 from zeroforge.pipeline.tasks.base import IGNORE_INDEX
 from zeroforge.pipeline.training.loop import fit
 from zeroforge.pipeline.training.process import init_distributed
@@ -202,3 +202,28 @@ def test_learning_check_random_prompts_fixed_response(device, tmp_path):
     assert out.task.prompt_ids("w1 w2 w3 w400", enc) == enc.encode_ordinary("w1 w2 w3 w400") + \
         enc.encode_ordinary("\n")
     assert out.texts == ["The answer is forty-two.\n"]
+
+
+def test_fine_tuning_starts_from_a_run_or_a_hugging_face_export(device, tmp_path):
+    """init_from a pretraining run of the same model (task gpt on a text store), or its HF
+    export: the sft run starts from exactly those weights."""
+    text = tmp_path / "text"
+    build_store(["builtin:pydoc-topics"], text, PrepOptions(val_fraction=0.1, progress=False))
+    _train("gpt2-tiny-cpu", text, tmp_path / "pre", device, ["data.seq_len=32"])
+    pretrained = read_checkpoint(tmp_path / "pre")
+    export(tmp_path / "pre", tmp_path / "hf")
+    sft = _store(tmp_path / "sft", "sft")
+    for source in (tmp_path / "pre", tmp_path / "hf"):
+        cfg = load_run_config("gpt2-sft-tiny-cpu", [
+            f"data.store={sft}", f"run_dir={tmp_path / source.name}-sft", f"init_from={source}",
+            "tracking.backend=none"])
+        run = setup(cfg, discover(), device)
+        try:
+            assert run.task.name == "sft"
+            state = run.engine.module.state_dict()
+            for name, value in pretrained[1].items():
+                assert torch.equal(state[name], value), (source.name, name)
+        finally:
+            run.loader.close()
+            run.metrics.close()
+            run.progress.close()
