@@ -38,12 +38,13 @@ class ExampleSpans:
         ends = self.starts + self.lengths
         for a in range(0, self.split.n_tokens, block):
             b = min(a + block, self.split.n_tokens)
-            mask = self.split.loss_mask(a, b).astype(np.int64)
+            # Prefix sums of the block's mask: an example's share is a difference of two.
+            sums = np.concatenate(([0], np.cumsum(self.split.loss_mask(a, b), dtype=np.int64)))
             first = int(np.searchsorted(ends, a, side="right"))  # first example ending after a
             last = int(np.searchsorted(self.starts, b, side="left"))  # examples starting before b
-            for i in range(first, last):  # examples overlapping [a, b); few span two blocks
-                lo, hi = max(int(self.starts[i]), a), min(int(ends[i]), b)
-                out[i] += int(mask[lo - a:hi - a].sum())
+            lo = np.clip(self.starts[first:last], a, b) - a
+            hi = np.clip(ends[first:last], a, b) - a
+            out[first:last] += sums[hi] - sums[lo]
         return out
 
 

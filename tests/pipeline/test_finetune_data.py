@@ -12,12 +12,14 @@ import pytest
 import torch
 from zeroforge.data_prep.build import PrepOptions, build_store
 from zeroforge.data_prep.examples import ExampleOptions
-from zeroforge.data_prep.store import TokenStore
-from zeroforge.model import EncDecConfig
+from zeroforge.data_prep.sources import SourceOptions
+from zeroforge.data_prep.store import Layout, TokenStore
+from zeroforge.model import EncDecConfig, GPT2Config
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.data.examples import ExampleSpans, PackedUnits
 from zeroforge.pipeline.data.loader import TrainLoader
 from zeroforge.pipeline.data.packing import first_fit_decreasing
+from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.registry import make_task
 from zeroforge.pipeline.tasks.base import IGNORE_INDEX, SpecialIds
 from zeroforge.pipeline.tasks.next_token import NextToken
@@ -50,12 +52,7 @@ def pairs_store(tmp_path_factory):
 def _sft(store, seq_len=64):
     s = TokenStore.open(store)
     return make_task("sft", DataConfig(store=store, seq_len=seq_len),
-                     _gpt2_config(), s.examples)
-
-
-def _gpt2_config():
-    from zeroforge.model import GPT2Config
-    return GPT2Config.preset("gpt2-tiny")
+                     GPT2Config.preset("gpt2-tiny"), s.examples)
 
 
 def test_first_fit_decreasing_fills_bins_within_capacity():
@@ -166,7 +163,6 @@ def test_seq2seq_refuses_a_text_store(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("just some text " * 50)
     build_store([str(src)], tmp_path / "t", PrepOptions(progress=False))
-    from zeroforge.pipeline.errors import ConfigError
     task = make_task("seq2seq", DataConfig(store=str(tmp_path / "t")),
                      EncDecConfig.preset("t5-tiny"))
     with pytest.raises(ConfigError, match="task seq2seq trains on pairs stores.*--format pairs"):
@@ -178,8 +174,8 @@ def test_document_mask_segments_pretraining_windows(tmp_path):
     src = tmp_path / "d.txt"
     src.write_text("\n".join(" ".join(rng.choice(["a", "b", "c"]) for _ in range(rng.randint(
         1, 12))) for _ in range(200)))
-    build_store([str(src)], tmp_path / "s", PrepOptions(progress=False,
-                                                        source=_line_mode()))
+    build_store([str(src)], tmp_path / "s", PrepOptions(
+        progress=False, source=SourceOptions(text_mode="line")))
     cfg = DataConfig(store=str(tmp_path / "s"), seq_len=32, document_mask=True)
     with TrainLoader(NextToken(cfg, SpecialIds(eos=EOT)), 4, 1, 0, 1, seed=0) as ld:
         b = next(ld)
@@ -194,6 +190,15 @@ def test_document_mask_segments_pretraining_windows(tmp_path):
     assert "segment_ids" not in plain and torch.equal(plain["input_ids"], x)
 
 
-def _line_mode():
-    from zeroforge.data_prep.sources import SourceOptions
-    return SourceOptions(text_mode="line")
+def test_loss_tokens_per_example_across_shard_boundaries(tmp_path):
+    """ExampleSpans.loss_tokens reads the mask a shard at a time; examples that straddle a
+    shard boundary count both parts."""
+    build_store(["builtin:pydoc-qa"], tmp_path / "p", PrepOptions(
+        progress=False, layout=Layout(shard_tokens=1024, chunk_tokens=256),
+        examples=ExampleOptions(format="pairs")))
+    split = TokenStore.open(tmp_path / "p").split("train")
+    spans = ExampleSpans(split)
+    want = [int(spans.read(i)[1].sum()) for i in range(len(spans))]
+    assert spans.loss_tokens().tolist() == want
+    ends = spans.starts + spans.lengths
+    assert any(s // 1024 != (e - 1) // 1024 for s, e in zip(spans.starts, ends, strict=True))
