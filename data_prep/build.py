@@ -21,11 +21,20 @@ import numpy as np
 import zarr
 
 from . import __version__
+from .examples import ExampleOptions
 from .locations import open_storage
 from .progress import Progress
-from .sources import Record, SourceOptions, expand_inputs, partition, read_records
+from .sources import Record, SourceOptions, check_format, expand_inputs, partition, read_records
 from .storage import Storage, StorageError
-from .store import FORMAT_NAME, FORMAT_VERSION, SPLITS, Layout, create_split_arrays
+from .store import (
+    EXAMPLES_FORMAT_VERSION,
+    FORMAT_NAME,
+    LOSS_MASK,
+    SPLITS,
+    TEXT_FORMAT_VERSION,
+    Layout,
+    create_split_arrays,
+)
 from .tokenize import BatchEncoder, get_encoding, token_dtype
 from .writer import BuildDir, Ledger, SplitState, SplitWriter, truncate_array
 
@@ -42,6 +51,7 @@ class PrepOptions:
     val_fraction: float = 0.0
     source: SourceOptions = field(default_factory=SourceOptions)
     layout: Layout = field(default_factory=Layout)
+    examples: ExampleOptions = field(default_factory=ExampleOptions)  # --format and its fields
     # Below: how the build runs, not what it produces (not part of the configuration hash).
     workers: int = 1
     strict: bool = False
@@ -51,7 +61,7 @@ class PrepOptions:
     progress: bool = True
 
     def validate(self) -> list[str]:
-        problems = self.source.validate() + self.layout.validate()
+        problems = self.source.validate() + self.layout.validate() + self.examples.validate()
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.workers < 1:
@@ -59,8 +69,10 @@ class PrepOptions:
         return problems
 
     def content_config(self, inputs: Sequence[str], part: tuple[int, int] | None) -> dict[str, Any]:
-        """Everything that decides the store's content: its hash guards resumes and reruns."""
-        return {
+        """Everything that decides the store's content: its hash guards resumes and reruns.
+        A text store's configuration has no `examples` key, as before fine-tuning formats
+        existed, so its hash (and the whole store) is unchanged."""
+        config = {
             "inputs": list(inputs),
             "tokenizer": self.tokenizer,
             "val_fraction": self.val_fraction,
@@ -68,6 +80,9 @@ class PrepOptions:
             "layout": asdict(self.layout),
             "part": list(part) if part else None,
         }
+        if self.examples.is_examples:
+            config["examples"] = asdict(self.examples)
+        return config
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -95,7 +110,7 @@ def _batches(records: Iterator[Record], batch_chars: int, on_skip) -> Iterator[t
             on_skip(rec)
             continue
         docs.append(rec)
-        chars += len(rec.text)
+        chars += rec.chars
         if chars >= batch_chars:
             yield docs, consumed
             docs, chars, consumed = [], 0, 0
@@ -126,9 +141,9 @@ class _SkipLog:
 def _root_attrs(
     content: dict[str, Any], enc, dtype: np.dtype, ledger: Ledger, splits: dict[str, SplitState], complete: bool
 ) -> dict[str, Any]:
-    return {
+    attrs = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": TEXT_FORMAT_VERSION,
         "complete": complete,
         "created_by": f"zeroforge {__version__}",
         "tokenizer": {"name": content["tokenizer"], "vocab_size": enc.n_vocab, "eot_id": enc.eot_token},
@@ -147,6 +162,14 @@ def _root_attrs(
         "skipped": {"total": sum(ledger.skipped.values()), "by_reason": dict(sorted(ledger.skipped.items()))},
         "text_bytes": ledger.text_bytes,
     }
+    if "examples" in content:  # version 2: fine-tuning examples with their loss mask
+        examples = ExampleOptions(**content["examples"])
+        attrs["format_version"] = EXAMPLES_FORMAT_VERSION
+        attrs["examples"] = examples.describe()
+        for s, st in splits.items():
+            attrs["counts"][s]["loss_tokens"] = st.loss_tokens
+            attrs["checksums"][s][LOSS_MASK] = f"{st.mask_crc:08x}"
+    return attrs
 
 
 def _existing_config_hash(storage: Storage, build_dir: BuildDir) -> str | None:
@@ -182,11 +205,12 @@ def build_store(
         raise PrepError(f"--out: {exc}") from None
     enc = get_encoding(options.tokenizer)
     units = expand_inputs(inputs)
+    check_format(units, options.examples)
     if part is not None:
         units = partition(units, part[1])[part[0]]
     content = options.content_config(inputs, part)
     # Workers fork from here, before zarr or the S3 client start threads.
-    with BatchEncoder(options.tokenizer, options.workers) as encoder:
+    with BatchEncoder(options.tokenizer, options.workers, options.examples.is_examples) as encoder:
         build_dir = BuildDir(storage)
         done = _check_existing(storage, build_dir, config_hash(content), options.overwrite)
         if done is not None:
@@ -240,13 +264,14 @@ def _check_existing(storage: Storage, build_dir: BuildDir, chash: str, overwrite
 def _open_for_append(storage: Storage, build_dir: BuildDir, content: dict[str, Any], enc, layout: Layout):
     """Create the store, or reopen an interrupted build truncated to its last commit."""
     dtype = token_dtype(enc.n_vocab)
+    has_mask = "examples" in content
     loaded = build_dir.load() if build_dir.exists() else None
     if loaded is None or (loaded[0].commit == 0 and loaded[0].final_attrs is None):
         ledger, tails = Ledger(config_hash(content), splits={s: SplitState() for s in SPLITS}), {}
         # mode="w" clears whatever an earlier attempt left, its commit-0 ledger included.
         group = zarr.open_group(storage.zarr_store(), mode="w", zarr_format=3)
         for name in SPLITS:
-            create_split_arrays(group, name, dtype, layout)
+            create_split_arrays(group, name, dtype, layout, loss_mask=has_mask)
         group.attrs.update(_root_attrs(content, enc, dtype, ledger, ledger.splits, complete=False))
         # A kill before this ledger exists leaves complete=false and no ledger: rerun restarts.
         # Create-only: a second build that started at the same moment loses here.
@@ -265,6 +290,8 @@ def _open_for_append(storage: Storage, build_dir: BuildDir, content: dict[str, A
         for name, st in ledger.splits.items():
             truncate_array(group[name]["tokens"], st.tokens_flushed, storage)
             truncate_array(group[name]["doc_offsets"], st.offsets_flushed, storage)
+            if has_mask:
+                truncate_array(group[name][LOSS_MASK], st.tokens_flushed, storage)
         log.info("resuming %s from commit %d (%d records done)", storage.location, ledger.commit,
                  ledger.records_done)
     writers = {
@@ -277,7 +304,7 @@ def _open_for_append(storage: Storage, build_dir: BuildDir, content: dict[str, A
 def _run(
     units, options: PrepOptions, encoder: BatchEncoder, ledger: Ledger, writers: dict[str, SplitWriter], build_dir: BuildDir
 ) -> None:
-    records = read_records(units, options.source)
+    records = read_records(units, options.source, options.examples)
     for _ in range(ledger.records_done):  # already committed: re-read, don't re-tokenize
         if next(records, None) is None:
             raise PrepError("the inputs have fewer records than the interrupted build consumed: "
@@ -292,14 +319,18 @@ def _run(
     def texts():
         for docs, consumed in batches:
             pending.append((docs, consumed))
-            yield [d.text for d in docs]
+            yield [list(d.pieces) if d.pieces is not None else d.text for d in docs]
 
     last_commit = time.monotonic()
-    for tokens, lengths in encoder.map(texts()):
+    for encoded in encoder.map(texts()):
         docs, consumed = pending.pop(0)
-        _route(docs, tokens, lengths, writers, options.val_fraction)
+        tokens, lengths, mask = encoded if len(encoded) == 3 else (*encoded, None)
+        if mask is not None:
+            docs, tokens, lengths, mask = _drop_long(docs, tokens, lengths, mask, options.examples,
+                                                     skip_log)
+        _route(docs, tokens, lengths, writers, options.val_fraction, mask)
         ledger.records_done += consumed
-        nbytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs)
+        nbytes = sum(_utf8_len(d) for d in docs)
         ledger.text_bytes += nbytes
         progress.update(len(docs), len(tokens), nbytes)
         if time.monotonic() - last_commit >= options.commit_seconds:
@@ -308,7 +339,35 @@ def _run(
     progress.close()
 
 
-def _route(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, writers, val_fraction: float) -> None:
+def _utf8_len(rec: Record) -> int:
+    texts = [t for t, _ in rec.pieces] if rec.pieces is not None else [rec.text or ""]
+    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+def _drop_long(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray,
+               examples: ExampleOptions, skip_log: _SkipLog):
+    """Skip (count, log; --strict: stop on) the examples longer than --max-tokens: the whole
+    example for sft, either side for pairs (source; target with its EOT)."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    loss = np.add.reduceat(mask.astype(np.int64), starts) if len(docs) else np.zeros(0, np.int64)
+    longest = np.maximum(lengths - loss, loss) if examples.format == "pairs" else lengths
+    keep = longest <= examples.max_tokens
+    if keep.all():
+        return docs, tokens, lengths, mask
+    for i in np.nonzero(~keep)[0]:
+        side = "a side is " if examples.format == "pairs" else ""
+        skip_log(Record(docs[i].id, None, docs[i].where,
+                        f"longer than --max-tokens ({side}{int(longest[i])} > "
+                        f"{examples.max_tokens} tokens)"))
+    idx = np.nonzero(keep)[0]
+    take = np.concatenate([np.arange(starts[i], ends[i]) for i in idx]) if len(idx) else \
+        np.zeros(0, np.int64)
+    return [docs[i] for i in idx], tokens[take], lengths[idx], mask[take]
+
+
+def _route(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, writers, val_fraction: float,
+           loss_mask: np.ndarray | None = None) -> None:
     """Append each document to its split, keeping input order within each split."""
     ends = np.cumsum(lengths)
     starts = ends - lengths
@@ -317,8 +376,8 @@ def _route(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, writers,
         if not mask.any():
             continue
         if mask.all():
-            writers[name].add(tokens, lengths)
+            writers[name].add(tokens, lengths, loss_mask)
             continue
         idx = np.nonzero(mask)[0]
-        pieces = [tokens[starts[i] : ends[i]] for i in idx]
-        writers[name].add(np.concatenate(pieces), lengths[idx])
+        take = np.concatenate([np.arange(starts[i], ends[i]) for i in idx])
+        writers[name].add(tokens[take], lengths[idx], None if loss_mask is None else loss_mask[take])

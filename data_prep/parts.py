@@ -6,6 +6,7 @@ attribute maps the contiguous logical stream onto those physical ranges. doc_off
 document, not token data) are rewritten with each part's token offset added. Checksums combine
 without reading tokens, and the prep configuration is a single build's, so the stitched store
 has the same checksums, counts and configuration hash as a single build of the same inputs.
+A fine-tuning store's loss mask is sharded like its tokens and moves the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .cache import CacheOptions
 from .checksum import crc32_combine
 from .locations import open_storage
 from .storage import ObjectMissing, Storage, StorageError, join
-from .store import SPLITS, Layout, StoreError, TokenStore, create_split_arrays
+from .store import LOSS_MASK, SPLITS, Layout, StoreError, TokenStore, create_split_arrays
 from .writer import ArrayAppender, Claim
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,13 @@ def finalize(store: str | os.PathLike[str]) -> dict[str, Any]:
         plan = _plan(_load_parts(storage))
         group = zarr.open_group(storage.zarr_store(), mode="a", zarr_format=3)
         layout = Layout(**plan["attrs"]["layout"])
+        has_mask = "examples" in plan["attrs"]
         for split in SPLITS:
-            create_split_arrays(group, split, np.dtype(plan["attrs"]["dtype"]), layout)
+            create_split_arrays(group, split, np.dtype(plan["attrs"]["dtype"]), layout,
+                                loss_mask=has_mask)
             group[split]["tokens"].resize((plan["physical_len"][split],))
+            if has_mask:
+                group[split][LOSS_MASK].resize((plan["physical_len"][split],))
         claim.write(plan, create=True)
 
     group = zarr.open_group(storage.zarr_store(), mode="r+")
@@ -152,8 +157,14 @@ def _plan(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     segments: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
     logical_start: dict[str, list[int]] = {s: [] for s in SPLITS}
     physical_len: dict[str, int] = {}
-    counts = {s: {"docs": 0, "tokens": 0} for s in SPLITS}
+    has_mask = "examples" in first
+    arrays = ("tokens", LOSS_MASK) if has_mask else ("tokens",)
+    counts: dict[str, dict[str, int]] = {s: {"docs": 0, "tokens": 0} for s in SPLITS}
+    if has_mask:
+        for s in SPLITS:
+            counts[s]["loss_tokens"] = 0
     crcs = {s: 0 for s in SPLITS}
+    mask_crcs = {s: 0 for s in SPLITS}
     skipped: dict[str, int] = {}
     text_bytes = 0
     for split in SPLITS:
@@ -164,13 +175,18 @@ def _plan(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
             if n:
                 segments[split].append([counts[split]["tokens"], physical, n])
                 for j in range(-(-n // shard)):
-                    moves.append([f"{d}/{split}/tokens/c/{j}",
-                                  f"{split}/tokens/c/{physical // shard + j}"])
+                    for array in arrays:
+                        moves.append([f"{d}/{split}/{array}/c/{j}",
+                                      f"{split}/{array}/c/{physical // shard + j}"])
                 physical += -(-n // shard) * shard
             part_crc = int(attrs["checksums"][split]["tokens"], 16)
             crcs[split] = crc32_combine(crcs[split], part_crc, n * itemsize)
             counts[split]["tokens"] += n
             counts[split]["docs"] += int(attrs["counts"][split]["docs"])
+            if has_mask:
+                part_mask_crc = int(attrs["checksums"][split][LOSS_MASK], 16)
+                mask_crcs[split] = crc32_combine(mask_crcs[split], part_mask_crc, n)  # 1 byte each
+                counts[split]["loss_tokens"] += int(attrs["counts"][split]["loss_tokens"])
         physical_len[split] = physical
     for _, attrs in parts:
         for reason, n in attrs["skipped"]["by_reason"].items():
@@ -184,7 +200,8 @@ def _plan(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         prep_config_hash=config_hash(config),
         counts=counts,
         segments=segments,
-        checksums={s: {"tokens": f"{crcs[s]:08x}", "doc_offsets": None} for s in SPLITS},
+        checksums={s: {"tokens": f"{crcs[s]:08x}", "doc_offsets": None,
+                       **({LOSS_MASK: f"{mask_crcs[s]:08x}"} if has_mask else {})} for s in SPLITS},
         skipped={"total": sum(skipped.values()), "by_reason": dict(sorted(skipped.items()))},
         text_bytes=text_bytes,
     )

@@ -27,9 +27,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import zstandard
 
+from .examples import ExampleOptions, Piece, parse_example
+from .pydoc_qa import pydoc_qa
 from .storage import url_scheme
 
-BUILTIN_CORPORA = ("builtin:pydoc-topics", "builtin:stdlib")
+BUILTIN_CORPORA = ("builtin:pydoc-topics", "builtin:stdlib", "builtin:pydoc-qa")
+# Units whose records are plain text, not fields: they cannot hold fine-tuning examples.
+_TEXT_ONLY_KINDS = ("text", "pydoc-topics")
 TEXT_MODES = ("file", "paragraph", "line")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -61,7 +65,7 @@ class SourceOptions:
 class Unit:
     """One readable piece of input, in the order it is read."""
 
-    kind: str  # text | jsonl | parquet | hf-hub | hf-disk | pydoc-topics
+    kind: str  # text | jsonl | parquet | hf-hub | hf-disk | pydoc-topics | pydoc-qa
     location: str  # path, or dataset name for hf-hub
     name: str  # id prefix: path relative to the input's root, or the dataset name
     size: int  # bytes on disk (0 when unknown)
@@ -71,9 +75,16 @@ class Unit:
 @dataclass(frozen=True)
 class Record:
     id: str
-    text: str | None  # None when skipped
+    text: str | None  # None when skipped, and for fine-tuning examples
     where: str  # "file:line" for messages
     skip: str | None = None  # why the record is not a document
+    pieces: tuple[Piece, ...] | None = None  # a fine-tuning example (examples.py)
+
+    @property
+    def chars(self) -> int:
+        if self.pieces is not None:
+            return sum(len(t) for t, _ in self.pieces)
+        return len(self.text or "")
 
 
 # --- expanding inputs into units -----------------------------------------------------------------
@@ -125,6 +136,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[Unit]:
     for item in inputs:
         if item == "builtin:pydoc-topics":
             units.append(Unit("pydoc-topics", item, "pydoc-topics", 0))
+        elif item == "builtin:pydoc-qa":
+            units.append(Unit("pydoc-qa", item, "pydoc-qa", 0))
         elif item == "builtin:stdlib":
             units.extend(_stdlib_units())
         elif item.startswith("builtin:"):
@@ -159,6 +172,17 @@ def expand_inputs(inputs: Sequence[str]) -> list[Unit]:
             else:
                 raise SourceError(f"{item}: no such file or directory")
     return units
+
+
+def check_format(units: Sequence[Unit], examples: ExampleOptions) -> None:
+    """Refuse plain-text inputs for a fine-tuning format before anything is built."""
+    if not examples.is_examples:
+        return
+    for unit in units:
+        if unit.kind in _TEXT_ONLY_KINDS:
+            raise SourceError(f"{unit.location}: --format {examples.format} reads records with "
+                              "fields (JSONL, Parquet, Hugging Face datasets, builtin:pydoc-qa), "
+                              "not plain text")
 
 
 def partition(units: Sequence[Unit], num_parts: int) -> list[list[Unit]]:
@@ -233,11 +257,15 @@ def _open_jsonl(path: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def _from_mapping(obj: object, doc_id: str, where: str, opts: SourceOptions) -> Record:
+def _from_mapping(obj: object, doc_id: str, where: str, opts: SourceOptions,
+                  examples: ExampleOptions | None = None) -> Record:
     if not isinstance(obj, dict):
         return Record(doc_id, None, where, f"not a JSON object ({type(obj).__name__})")
     if opts.id_field in obj and obj[opts.id_field] is not None:
         doc_id = f"id:{obj[opts.id_field]}"
+    if examples is not None and examples.is_examples:
+        pieces, skip = parse_example(obj, examples)
+        return Record(doc_id, None, where, skip, tuple(pieces) if pieces else None)
     if opts.text_field not in obj:
         return Record(doc_id, None, where, f"missing field {opts.text_field!r}")
     text = obj[opts.text_field]
@@ -248,7 +276,8 @@ def _from_mapping(obj: object, doc_id: str, where: str, opts: SourceOptions) -> 
     return _text_record(doc_id, where, text, None)
 
 
-def _read_jsonl(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
+def _read_jsonl(unit: Unit, opts: SourceOptions, examples: ExampleOptions | None
+                ) -> Iterator[Record]:
     with _open_jsonl(unit.location) as f:
         reader = io.BufferedReader(f) if not isinstance(f, io.BufferedReader) else f
         for lineno, raw in enumerate(reader, 1):
@@ -266,26 +295,31 @@ def _read_jsonl(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
             except json.JSONDecodeError as exc:
                 yield Record(doc_id, None, where, f"malformed JSON ({exc.msg} at column {exc.colno})")
                 continue
-            yield _from_mapping(obj, doc_id, where, opts)
+            yield _from_mapping(obj, doc_id, where, opts, examples)
 
 
-def _read_parquet(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
+def _read_parquet(unit: Unit, opts: SourceOptions, examples: ExampleOptions | None
+                  ) -> Iterator[Record]:
     try:
         pf = pq.ParquetFile(unit.location)
     except Exception as exc:
         raise SourceError(f"{unit.location}: not a readable Parquet file ({exc})") from exc
     names = pf.schema_arrow.names
-    if opts.text_field not in names:
-        raise SourceError(f"{unit.location}: no column {opts.text_field!r} (columns: {', '.join(names)})")
-    columns = [opts.text_field] + ([opts.id_field] if opts.id_field in names else [])
+    wanted = examples.fields() if examples is not None and examples.is_examples else [opts.text_field]
+    if not set(wanted) & set(names):
+        raise SourceError(f"{unit.location}: no column {' or '.join(map(repr, wanted))} "
+                          f"(columns: {', '.join(names)})")
+    columns = [c for c in wanted if c in names] + ([opts.id_field] if opts.id_field in names else [])
     row = 0
     for batch in pf.iter_batches(columns=columns, batch_size=4096):
         for obj in batch.to_pylist():
-            yield _from_mapping(obj, f"{unit.name}:{row}", f"{unit.location}:row {row}", opts)
+            yield _from_mapping(obj, f"{unit.name}:{row}", f"{unit.location}:row {row}", opts,
+                                examples)
             row += 1
 
 
-def _read_hf(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
+def _read_hf(unit: Unit, opts: SourceOptions, examples: ExampleOptions | None
+             ) -> Iterator[Record]:
     import datasets  # 0.5 s to import; only Hugging Face inputs need it
 
     try:
@@ -305,7 +339,7 @@ def _read_hf(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
         raise SourceError(f"hf:{unit.location}: cannot load dataset ({type(exc).__name__}: {exc})") from exc
     label = f"hf:{unit.name}" + (f":{unit.config}" if unit.config else "") + f"[{opts.hf_split}]"
     for i, obj in enumerate(ds):
-        yield _from_mapping(obj, f"{label}:{i}", f"{label} row {i}", opts)
+        yield _from_mapping(obj, f"{label}:{i}", f"{label} row {i}", opts, examples)
 
 
 def _read_pydoc_topics(unit: Unit) -> Iterator[Record]:
@@ -315,21 +349,32 @@ def _read_pydoc_topics(unit: Unit) -> Iterator[Record]:
         yield _text_record(f"pydoc-topics/{key}", f"pydoc-topics:{key}", topics[key], None)
 
 
-def read_unit(unit: Unit, opts: SourceOptions) -> Iterator[Record]:
+def _read_pydoc_qa(unit: Unit, opts: SourceOptions, examples: ExampleOptions | None
+                   ) -> Iterator[Record]:
+    for doc_id, obj in pydoc_qa():
+        yield _from_mapping(obj, doc_id, f"{unit.location}:{doc_id}", opts, examples)
+
+
+def read_unit(unit: Unit, opts: SourceOptions, examples: ExampleOptions | None = None
+              ) -> Iterator[Record]:
+    """The records of one unit; with a fine-tuning ``examples`` format they carry pieces."""
     if unit.kind == "text":
         return _read_text(unit, opts.text_mode)
     if unit.kind == "jsonl":
-        return _read_jsonl(unit, opts)
+        return _read_jsonl(unit, opts, examples)
     if unit.kind == "parquet":
-        return _read_parquet(unit, opts)
+        return _read_parquet(unit, opts, examples)
     if unit.kind in ("hf-hub", "hf-disk"):
-        return _read_hf(unit, opts)
+        return _read_hf(unit, opts, examples)
     if unit.kind == "pydoc-topics":
         return _read_pydoc_topics(unit)
+    if unit.kind == "pydoc-qa":
+        return _read_pydoc_qa(unit, opts, examples)
     raise AssertionError(f"unknown unit kind {unit.kind}")
 
 
-def read_records(units: Sequence[Unit], opts: SourceOptions) -> Iterator[Record]:
+def read_records(units: Sequence[Unit], opts: SourceOptions,
+                 examples: ExampleOptions | None = None) -> Iterator[Record]:
     """Every record of every unit, in order."""
     for unit in units:
-        yield from read_unit(unit, opts)
+        yield from read_unit(unit, opts, examples)

@@ -5,6 +5,12 @@ Layout (docs/token-store.md has the full description):
     STORE/zarr.json             root group; attributes describe the store (see `describe`)
     STORE/<split>/tokens        1-D uint16|uint32, the split's documents back to back
     STORE/<split>/doc_offsets   1-D int64, n_docs + 1, from 0; doc i = tokens[off[i]:off[i+1]]
+    STORE/<split>/loss_mask     1-D uint8 aligned with tokens (version 2: fine-tuning examples);
+                                1 on the tokens that carry loss (responses, targets, each EOT)
+
+Version 1 stores hold text; version 2 stores hold fine-tuning examples (`--format sft|pairs`)
+and describe them in the `examples` attribute. Text stores are still written as version 1, so
+a text build is byte-identical to one made before version 2 existed; the reader reads both.
 
 Both arrays use Zarr's sharding codec: a shard (one file) holds many inner chunks, each chunk
 followed by its CRC-32C, and an index (with its own CRC-32C) at the end of the shard.
@@ -38,8 +44,11 @@ from .shards import ArrayReader, StoreError
 from .storage import ObjectMissing, Storage, StorageError
 
 FORMAT_NAME = "zeroforge-token-store"
-FORMAT_VERSION = 1
+TEXT_FORMAT_VERSION = 1  # documents only
+EXAMPLES_FORMAT_VERSION = 2  # + loss_mask, counts.loss_tokens, checksums.loss_mask, examples
+FORMAT_VERSIONS = (TEXT_FORMAT_VERSION, EXAMPLES_FORMAT_VERSION)
 SPLITS = ("train", "val")
+LOSS_MASK = "loss_mask"
 CODECS = ("none", "zstd")
 FETCH_THREADS = 16  # concurrent ranged GETs of a remote store's read-ahead
 
@@ -75,8 +84,10 @@ def _compressors(codec: str) -> list:
     return [Crc32cCodec()] if codec == "none" else [ZstdCodec(level=3), Crc32cCodec()]
 
 
-def create_split_arrays(group, split: str, dtype: np.dtype, layout: Layout) -> None:
-    """Empty `tokens` and `doc_offsets` arrays for one split inside an open zarr group."""
+def create_split_arrays(group, split: str, dtype: np.dtype, layout: Layout,
+                        loss_mask: bool = False) -> None:
+    """Empty `tokens` and `doc_offsets` arrays (and `loss_mask`, sharded like the tokens so a
+    multi-part build moves its shards the same way) for one split inside an open zarr group."""
     sub = group.require_group(split)
     common = {"fill_value": 0, "config": {"write_empty_chunks": True}, "overwrite": True}
     sub.create_array(
@@ -97,6 +108,16 @@ def create_split_arrays(group, split: str, dtype: np.dtype, layout: Layout) -> N
         compressors=_compressors(layout.codec),
         **common,
     )
+    if loss_mask:
+        sub.create_array(
+            LOSS_MASK,
+            shape=(0,),
+            dtype=np.uint8,
+            chunks=(layout.chunk_tokens,),
+            shards=(layout.shard_tokens,),
+            compressors=_compressors(layout.codec),
+            **common,
+        )
 
 
 _live_readers: weakref.WeakSet = weakref.WeakSet()
@@ -104,7 +125,8 @@ os.register_at_fork(after_in_child=lambda: [r._after_fork() for r in list(_live_
 
 
 class SplitReader:
-    """Random access to one split: `tokens(a, b)`, `doc(i)`, sizes, read-ahead hints."""
+    """Random access to one split: `tokens(a, b)`, `loss_mask(a, b)` (version 2), `doc(i)`,
+    sizes, read-ahead hints."""
 
     def __init__(self, store: TokenStore, name: str):
         self.store, self.name = store, name
@@ -117,6 +139,11 @@ class SplitReader:
                                    store.dtype)
         self._offsets = store.array(f"{name}/doc_offsets", layout.offsets_shard,
                                     layout.offsets_chunk, np.dtype(np.int64))
+        self.has_loss_mask = store.examples is not None
+        self.n_loss_tokens: int = int(info.get("loss_tokens", 0))
+        # Sharded like the tokens (element i is token i's mask), read by the same shard reader.
+        self._mask = store.array(f"{name}/{LOSS_MASK}", layout.shard_tokens, layout.chunk_tokens,
+                                 np.dtype(np.uint8)) if self.has_loss_mask else None
         self._identity = len(self.segments) <= 1 and all(lg == ph for lg, ph, _ in self.segments)
         _live_readers.add(self)
 
@@ -155,28 +182,48 @@ class SplitReader:
 
     def tokens(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the logical stream (a copy)."""
+        return self._logical(self._tokens, "tokens", a, b)
+
+    def loss_mask(self, a: int, b: int) -> np.ndarray:
+        """uint8 loss mask of tokens [a, b) (a copy): 1 where the token carries loss. Only
+        version-2 stores (fine-tuning examples) have one."""
+        if self._mask is None:
+            raise StoreError(f"{self.store.path}: a text store has no loss mask; build it with "
+                             "`zeroforge prep --format sft|pairs`")
+        return self._logical(self._mask, LOSS_MASK, a, b)
+
+    def _logical(self, array: ArrayReader, name: str, a: int, b: int) -> np.ndarray:
+        """Elements [a, b) of the logical stream of ``array`` (tokens or loss_mask), mapped
+        through the segments."""
         if not 0 <= a <= b <= self.n_tokens:
-            raise IndexError(f"tokens[{a}:{b}] out of range for split {self.name} ({self.n_tokens} tokens)")
-        parts = [self._tokens.read(pa, pb) for pa, pb in self._physical_ranges(a, b)]
+            raise IndexError(f"{name}[{a}:{b}] out of range for split {self.name} ({self.n_tokens} tokens)")
+        parts = [array.read(pa, pb) for pa, pb in self._physical_ranges(a, b)]
         if not parts:
-            return np.empty(0, dtype=self.store.dtype)
+            return np.empty(0, dtype=array.dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _arrays(self) -> list[ArrayReader]:
+        """The arrays aligned with the token stream: tokens, and the loss mask if any."""
+        return [self._tokens] if self._mask is None else [self._tokens, self._mask]
+
     def prefetch(self, a: int, b: int) -> None:
-        """Hint that tokens [a, b) will be read soon: a remote store starts fetching their
-        chunks in the background; a local one needs nothing."""
+        """Hint that tokens [a, b) (and their loss mask) will be read soon: a remote store
+        starts fetching their chunks in the background; a local one needs nothing."""
         for pa, pb in self._physical_ranges(max(a, 0), min(b, self.n_tokens)):
-            self._tokens.prefetch(pa, pb)
+            for array in self._arrays():
+                array.prefetch(pa, pb)
 
     def _after_fork(self) -> None:
-        self._tokens.after_fork()
-        self._offsets.after_fork()
+        for array in (*self._arrays(), self._offsets):
+            array.after_fork()
 
     def check_shards(self) -> None:
-        """Load every shard index that referenced tokens need: missing shards or chunks raise."""
+        """Load every shard index that referenced tokens (and their loss-mask bytes) need:
+        missing shards or chunks raise."""
         for _, physical, length in self.segments:
             if length:
-                self._tokens.require(physical, physical + length)
+                for array in self._arrays():
+                    array.require(physical, physical + length)
 
 
 class TokenStore:
@@ -193,6 +240,9 @@ class TokenStore:
         self.dtype = np.dtype(attrs["dtype"])
         self.layout = Layout(**attrs["layout"])
         self.splits: tuple[str, ...] = tuple(attrs["counts"])
+        self.format_version = int(attrs["format_version"])
+        # Version 2: how the examples were made (examples.ExampleOptions.describe); None: text.
+        self.examples: dict[str, Any] | None = attrs.get("examples")
         self._readers: dict[str, SplitReader] = {}
         self._cache = None if self.local else cache.open(f"{self.path}\0{self.fingerprint}")
         self._pool: ThreadPoolExecutor | None = None
@@ -209,12 +259,13 @@ class TokenStore:
             store = cls._open(storage, cache or CacheOptions())
             for name in store.splits:
                 split = store.split(name)
-                shape = _array_shape(storage, f"{name}/tokens", store.layout.shard_tokens,
-                                     store.layout.chunk_tokens)
                 end = max((p + n for _, p, n in split.segments), default=0)
-                if shape < end:
-                    raise StoreError(f"{store.path}/{name}/tokens: {shape} elements stored, "
-                                     f"segments need {end}")
+                for array in ("tokens", LOSS_MASK) if split.has_loss_mask else ("tokens",):
+                    shape = _array_shape(storage, f"{name}/{array}", store.layout.shard_tokens,
+                                         store.layout.chunk_tokens)
+                    if shape < end:
+                        raise StoreError(f"{store.path}/{name}/{array}: {shape} elements "
+                                         f"stored, segments need {end}")
                 if check_shards:
                     split.check_shards()
         except StorageError as exc:
@@ -233,8 +284,10 @@ class TokenStore:
         attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
         if attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{path}: not a {FORMAT_NAME} (format={attrs.get('format')!r})")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: format version {attrs.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        if attrs.get("format_version") not in FORMAT_VERSIONS:
+            raise StoreError(f"{path}: format version {attrs.get('format_version')} is not supported (this zeroforge reads {', '.join(map(str, FORMAT_VERSIONS))})")
+        if attrs["format_version"] == EXAMPLES_FORMAT_VERSION and not isinstance(attrs.get("examples"), dict):
+            raise StoreError(f"{path}: a version-2 store without its `examples` attribute")
         if not attrs.get("complete"):
             raise StoreError(f"{path}: the build did not complete; rerun the same `zeroforge prep` command to finish it")
         return cls(storage, attrs, cache)
@@ -259,6 +312,11 @@ class TokenStore:
         if name not in self._readers:
             self._readers[name] = SplitReader(self, name)
         return self._readers[name]
+
+    @property
+    def examples_format(self) -> str:
+        """``text``, ``sft`` or ``pairs``."""
+        return "text" if self.examples is None else str(self.examples["format"])
 
     @property
     def fingerprint(self) -> str:
@@ -300,7 +358,8 @@ def describe(store: TokenStore) -> dict[str, Any]:
     size = sum(store.storage.list("").values())
     return {
         "path": store.path,
-        "format": f"{FORMAT_NAME} v{FORMAT_VERSION}",
+        "format": f"{FORMAT_NAME} v{store.format_version}",
+        "examples": store.examples,
         "tokenizer": store.attrs["tokenizer"],
         "dtype": store.attrs["dtype"],
         "splits": store.attrs["counts"],

@@ -23,6 +23,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 from . import atomic
+from .examples import Piece
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,36 @@ def encode_batch(enc: tiktoken.Encoding, texts: Sequence[str], dtype: np.dtype) 
     return out, lengths
 
 
+def encode_examples(enc: tiktoken.Encoding, examples: Sequence[Sequence[Piece]], dtype: np.dtype
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode fine-tuning examples (examples.py): every piece on its own, so piece boundaries
+    are token boundaries, back to back, EOT after the last piece.
+
+    Returns (tokens, per-example lengths, loss mask): the mask is a uint8 array aligned with
+    the tokens, 1 on the tokens of loss-bearing pieces and on each example's EOT.
+    """
+    ids = enc.encode_ordinary_batch([text for ex in examples for text, _ in ex], num_threads=1)
+    lengths = np.empty(len(examples), dtype=np.int64)
+    tokens: list[np.ndarray] = []
+    mask: list[np.ndarray] = []
+    eot = np.array([enc.eot_token], dtype=dtype)
+    k = 0
+    for e, ex in enumerate(examples):
+        n = 0
+        for _, loss in ex:
+            piece = ids[k]
+            k += 1
+            tokens.append(np.asarray(piece, dtype=dtype))
+            mask.append(np.full(len(piece), 1 if loss else 0, dtype=np.uint8))
+            n += len(piece)
+        tokens.append(eot)  # the model learns to stop: the EOT carries loss
+        mask.append(np.ones(1, dtype=np.uint8))
+        lengths[e] = n + 1
+    if not tokens:
+        return np.empty(0, dtype=dtype), lengths, np.empty(0, dtype=np.uint8)
+    return np.concatenate(tokens), lengths, np.concatenate(mask)
+
+
 # --- worker processes -------------------------------------------------------------------------
 _worker_enc: tiktoken.Encoding | None = None
 _worker_dtype: np.dtype | None = None
@@ -148,8 +179,14 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return encode_batch(_worker_enc, texts, _worker_dtype)
 
 
+def _encode_examples_in_worker(examples: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    assert _worker_enc is not None and _worker_dtype is not None
+    return encode_examples(_worker_enc, examples, _worker_dtype)
+
+
 class BatchEncoder:
-    """Encodes batches of documents in `workers` processes, results in submission order.
+    """Encodes batches of documents (or, with `examples=True`, of fine-tuning examples: lists
+    of pieces, see `encode_examples`) in `workers` processes, results in submission order.
 
     With one worker it encodes in-process: no pickling, and the tokens never cross a pipe.
     Create it before the caller starts threads (zarr starts an event-loop thread): on Linux the
@@ -157,9 +194,10 @@ class BatchEncoder:
     loading; elsewhere they are spawned and load it themselves.
     """
 
-    def __init__(self, name: str, workers: int = 1):
+    def __init__(self, name: str, workers: int = 1, examples: bool = False):
         global _worker_enc
         self.name = name
+        self.examples = examples
         self.workers = max(1, workers)
         self.enc = get_encoding(name)
         self.dtype = token_dtype(self.enc.n_vocab)
@@ -170,15 +208,18 @@ class BatchEncoder:
             ctx = mp.get_context(method)
             self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(name,))
 
-    def map(self, batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Encoded batches in input order. Reads at most 2 batches per worker ahead of the
-        consumer (Pool.imap would drain the whole input into memory)."""
+    def map(self, batches: Iterable[list]) -> Iterator[tuple[np.ndarray, ...]]:
+        """Encoded batches in input order: (tokens, lengths), plus the loss mask for examples.
+        Reads at most 2 batches per worker ahead of the consumer (Pool.imap would drain the
+        whole input into memory)."""
         if self._pool is None:
-            yield from (encode_batch(self.enc, b, self.dtype) for b in batches)
+            encode = encode_examples if self.examples else encode_batch
+            yield from (encode(self.enc, b, self.dtype) for b in batches)
             return
+        work = _encode_examples_in_worker if self.examples else _encode_in_worker
         pending: collections.deque = collections.deque()
         for batch in batches:
-            pending.append(self._pool.apply_async(_encode_in_worker, (batch,)))
+            pending.append(self._pool.apply_async(work, (batch,)))
             if len(pending) >= 2 * self.workers:
                 yield pending.popleft().get()
         while pending:

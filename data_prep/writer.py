@@ -26,6 +26,7 @@ import numpy as np
 
 from .checksum import crc32
 from .storage import Storage, WriteConflict
+from .store import LOSS_MASK
 
 LEDGER_VERSION = 1
 
@@ -88,6 +89,9 @@ class SplitState:
     offsets_flushed: int = 0
     tokens_crc: int = 0
     offsets_crc: int = 0
+    # Fine-tuning stores only: the loss mask is flushed with the tokens (same shard length).
+    mask_crc: int = 0
+    loss_tokens: int = 0
 
 
 @dataclass
@@ -129,7 +133,7 @@ class Ledger:
 
 
 class SplitWriter:
-    """tokens + doc_offsets of one split."""
+    """tokens + doc_offsets of one split, and the loss mask of a fine-tuning store."""
 
     def __init__(self, group, name: str, shard_tokens: int, offsets_shard: int, state: SplitState, tails: dict):
         self.name = name
@@ -138,23 +142,37 @@ class SplitWriter:
             group[name]["doc_offsets"], offsets_shard, state.offsets_flushed, tails.get("offsets")
         )
         self.tokens.crc, self.offsets.crc = state.tokens_crc, state.offsets_crc
-        self.n_docs = state.n_docs
+        self.mask: ArrayAppender | None = None
+        if LOSS_MASK in group[name]:
+            self.mask = ArrayAppender(group[name][LOSS_MASK], shard_tokens, state.tokens_flushed,
+                                      tails.get(LOSS_MASK))
+            self.mask.crc = state.mask_crc
+        self.n_docs, self.loss_tokens = state.n_docs, state.loss_tokens
         if len(self.offsets) == 0:
             self.offsets.append(np.zeros(1, dtype=np.int64))
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append whole documents (`lengths` sums to len(tokens))."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append whole documents (`lengths` sums to len(tokens)), with their loss mask in a
+        fine-tuning store."""
+        assert (mask is None) == (self.mask is None), "a loss mask goes with a fine-tuning store"
         start = len(self.tokens)
         self.tokens.append(tokens)
         self.offsets.append(start + np.cumsum(lengths))
         self.n_docs += len(lengths)
+        if self.mask is not None:
+            self.mask.append(mask)
+            self.loss_tokens += int(mask.sum())
 
     def state(self) -> SplitState:
-        return SplitState(self.n_docs, self.tokens.flushed, self.offsets.flushed, self.tokens.crc, self.offsets.crc)
+        mask_crc = self.mask.crc if self.mask is not None else 0
+        return SplitState(self.n_docs, self.tokens.flushed, self.offsets.flushed, self.tokens.crc,
+                          self.offsets.crc, mask_crc, self.loss_tokens)
 
     def finish(self) -> None:
         self.tokens.finish()
         self.offsets.finish()
+        if self.mask is not None:
+            self.mask.finish()
 
 
 class Claim:
@@ -230,6 +248,8 @@ class BuildDir:
         for name, w in writers.items():
             arrays[f"{name}/tokens"] = w.tokens.tail()
             arrays[f"{name}/offsets"] = w.offsets.tail()
+            if w.mask is not None:
+                arrays[f"{name}/{LOSS_MASK}"] = w.mask.tail()
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         self.storage.write(f"_build/tails-{ledger.commit}.npz", buf.getvalue())

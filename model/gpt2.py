@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
-from .layers import GPT2MLP, CausalSelfAttention, KVCache, LayerNorm
+from .layers import (
+    GPT2MLP,
+    CausalSelfAttention,
+    DocumentMask,
+    KVCache,
+    LayerNorm,
+    segment_positions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
         self.mlp = GPT2MLP(config.n_embd, config.dropout, config.bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | DocumentMask | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, cache)
         x = x + self.mlp(self.ln_2(x))
@@ -98,6 +105,7 @@ class GPT2(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -110,14 +118,17 @@ class GPT2(nn.Module):
             attention_mask: ``(B, T_past + T)``, 1 = real token, 0 = padding (generation with
                 left-padded prompts). ``None`` = all real.
             position_ids: ``(B, T)``; default derived from ``attention_mask`` so each
-                sequence's first real token gets position 0.
+                sequence's first real token gets position 0, or from ``segment_ids``.
+            segment_ids: ``(B, T)`` document ids of packed sequences (contiguous runs): attention
+                stays within a document (block-diagonal causal, ``DocumentMask``) and positions
+                restart at 0 at each document's first token. Not with a cache.
             cache: ``KVCache`` for incremental decoding (appended in place).
             return_logits: with ``targets``, return ``(logits, loss)``.
         Returns:
             logits ``(B, T, vocab_size + n_sentinels)`` float32, or loss, or both.
         """
         x = self.hidden_states(input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, cache=cache)
+                               position_ids=position_ids, segment_ids=segment_ids, cache=cache)
         logits = self.logits(x)  # (B, T, V)
         if targets is None:
             return logits
@@ -131,6 +142,7 @@ class GPT2(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """The final layer norm's output ``(B, T, n_embd)``; ``logits`` turns it into logits.
@@ -143,16 +155,24 @@ class GPT2(nn.Module):
             raise ValueError(f"sequence length {past + T} exceeds n_positions={cfg.n_positions}")
         device = input_ids.device
 
+        if segment_ids is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("segment_ids (packed documents) go without attention_mask and cache")
         if position_ids is None:
-            if attention_mask is not None:
+            if segment_ids is not None:
+                position_ids = segment_positions(segment_ids)  # (B, T)
+            elif attention_mask is not None:
                 # Left padding: count real tokens so far; pads get position 0 (masked anyway).
                 pos = attention_mask.long().cumsum(-1) - 1  # (B, T_past + T)
                 position_ids = pos.clamp(min=0)[:, past:]  # (B, T)
             else:
                 position_ids = torch.arange(past, past + T, device=device).unsqueeze(0)  # (1, T)
 
-        attn_mask = None
-        if attention_mask is not None or past > 0:
+        attn_mask: torch.Tensor | DocumentMask | None = None
+        if segment_ids is not None:
+            # FlexAttention has no dropout: with dropout on, train through the dense SDPA mask.
+            dropout_on = self.training and cfg.dropout > 0
+            attn_mask = DocumentMask(segment_ids, flex=False if dropout_on else None)
+        elif attention_mask is not None or past > 0:
             attn_mask = self._build_mask(attention_mask, B, T, past, device)
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)

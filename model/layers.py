@@ -1,16 +1,78 @@
 """Building blocks shared by GPT-2 and the T5-style encoder-decoder.
 
 All attention goes through ``F.scaled_dot_product_attention`` (SDPA) so PyTorch can pick a
-fused kernel (flash / memory-efficient on GPU, a fused CPU kernel otherwise).
+fused kernel (flash / memory-efficient on GPU, a fused CPU kernel otherwise), except attention
+within documents on CUDA (``DocumentMask``), which uses FlexAttention's block-sparse kernel.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # FlexAttention (torch >= 2.5): block-sparse attention for packed documents on CUDA
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # older torch: packed documents use SDPA with a dense mask everywhere
+    BlockMask = create_block_mask = flex_attention = None  # type: ignore[assignment,misc]
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of every token inside its segment: ``(B, T)`` ids -> ``(B, T)`` 0, 1, ... that
+    restart wherever the id changes (segments are contiguous runs)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+    return idx - first
+
+
+@functools.cache
+def _compiled_flex():
+    # Without torch.compile FlexAttention runs a slow reference path; compile it once.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class DocumentMask:
+    """Causal attention that never crosses a segment (packed examples, documents): query t
+    may attend to key s only if ``s <= t`` and both carry the same segment id.
+
+    Built once per forward and shared by every layer. ``flex=True`` (the default on CUDA when
+    FlexAttention exists) builds a block mask whose fully masked tiles are skipped; otherwise a
+    dense boolean ``(B, 1, T, T)`` mask goes to SDPA (CPU, or dropout, which FlexAttention
+    lacks). Every query sees at least itself, so no row is fully masked and nothing is NaN.
+    """
+
+    def __init__(self, segment_ids: torch.Tensor, flex: bool | None = None) -> None:
+        B, T = segment_ids.shape
+        if flex is None:
+            flex = segment_ids.is_cuda and flex_attention is not None
+        self.block: BlockMask | None = None
+        self.dense: torch.Tensor | None = None
+        if flex:
+            seg = segment_ids
+
+            def same_document_causal(b, h, q, kv):
+                return (seg[b, q] == seg[b, kv]) & (q >= kv)
+
+            self.block = create_block_mask(same_document_causal, B, None, T, T,
+                                           device=seg.device)
+        else:
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+            self.dense = (same & causal)[:, None]  # (B, 1, T, T)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+               ) -> torch.Tensor:
+        if self.block is not None:
+            assert dropout_p == 0.0, "FlexAttention has no dropout; build the mask with flex=False"
+            attend = _compiled_flex() if q.is_cuda else flex_attention
+            return attend(q, k, v, block_mask=self.block)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, dropout_p=dropout_p)
 
 
 class LayerNorm(nn.Module):
@@ -91,10 +153,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | DocumentMask | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """``attn_mask``: bool ``(B, 1, T, T_total)``, True = may attend. ``None`` means plain
-        causal attention over ``x`` alone (the training fast path)."""
+        """``attn_mask``: bool ``(B, 1, T, T_total)``, True = may attend, or a ``DocumentMask``
+        (packed documents). ``None`` means plain causal attention over ``x`` alone (the
+        training fast path)."""
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -104,7 +167,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)  # (B, nh, T_total, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if attn_mask is None:
+        if isinstance(attn_mask, DocumentMask):
+            assert cache is None, "packed documents are a training/evaluation layout"
+            y = attn_mask.attend(q, k, v, dropout_p)
+        elif attn_mask is None:
             # is_causal assumes queries and keys start at the same position, i.e. no cache.
             assert k.size(2) == T, "causal fast path needs an explicit mask when using a cache"
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

@@ -1,11 +1,12 @@
 """Model families and training tasks: the one place that knows which is which.
 
 A family names its config class, model class, the tasks it trains (the first is its default),
-how it generates, how it converts to and from Hugging Face, its FLOPs per example and its
-special ids. A task (pipeline/tasks/) names the windows it reads, its batches, its loss and its
-prompt format. Setup, data, evaluation, sampling, export and weight loading ask this module and
-never branch on the family themselves: adding a family or a task means a new entry here and the
-new code, nothing else.
+how it generates, how it converts to and from Hugging Face, its FLOPs per example, its special
+ids, how it answers lm-evaluation-harness requests and its context length. A task
+(pipeline/tasks/) names the units it reads, its batches, its loss and its prompt format. Setup,
+data, evaluation, sampling, export and weight loading ask this module and never branch on the
+family themselves: adding a family or a task means a new entry here and the new code, nothing
+else.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.tasks.base import Layout, SpecialIds, Task
 from zeroforge.pipeline.tasks.next_token import NextToken
+from zeroforge.pipeline.tasks.seq2seq import SequenceToSequence
+from zeroforge.pipeline.tasks.sft import SupervisedFineTuning
 from zeroforge.pipeline.tasks.span_corruption import SpanCorruption
 
 ModelConfig = GPT2Config | EncDecConfig
@@ -73,6 +76,8 @@ class Family:
     flops_per_example: Callable[[Any, Layout], float]
     special_ids: Callable[[Any], SpecialIds]
     lm: LMForm  # downstream evaluation (lm-evaluation-harness)
+    # Longest prompt + generation the model takes (decoder-only context), None: no such limit.
+    context_length: Callable[[Any], int | None] = lambda cfg: None
 
     def build(self, config: ModelConfig) -> torch.nn.Module:
         return self.model_cls(config)
@@ -91,21 +96,28 @@ def _gpt2_special(cfg: GPT2Config) -> SpecialIds:
     return SpecialIds(eos=cfg.eos_token_id, sentinels=tuple(sentinel_ids(cfg)))
 
 
+def _gpt2_context(cfg: GPT2Config) -> int:
+    return cfg.n_positions
+
+
 def _encdec_special(cfg: EncDecConfig) -> SpecialIds:
     return SpecialIds(eos=cfg.eos_token_id, pad=cfg.pad_token_id,
                       decoder_start=cfg.decoder_start_token_id, sentinels=tuple(sentinel_ids(cfg)))
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt",), "gpt2", generate_gpt2, save_gpt2_hf,
-                   load_gpt2_hf, _gpt2_flops, _gpt2_special,
-                   LMForm("causal", score_gpt2, lambda c: c.n_positions, True)),
-    "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5",), "t5", generate_encdec,
-                     save_encdec_hf, load_encdec_hf, _encdec_flops, _encdec_special,
+    "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt", "sft"), "gpt2", generate_gpt2,
+                   save_gpt2_hf, load_gpt2_hf, _gpt2_flops, _gpt2_special,
+                   LMForm("causal", score_gpt2, _gpt2_context, True),
+                   context_length=_gpt2_context),
+    "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5", "seq2seq"), "t5",
+                     generate_encdec, save_encdec_hf, load_encdec_hf, _encdec_flops,
+                     _encdec_special,
                      LMForm("seq2seq", score_encdec, lambda c: ENCDEC_HARNESS_MAX_LENGTH, False)),
 }
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (NextToken, SpanCorruption)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
+    NextToken, SpanCorruption, SupervisedFineTuning, SequenceToSequence)}
 
 
 def family(name: str) -> Family:
@@ -145,6 +157,8 @@ def task_name(family_name: str, requested: str | None) -> str:
     return requested
 
 
-def make_task(name: str, data: DataConfig, model_config: ModelConfig) -> Task:
-    """Task ``name`` bound to ``data`` and the special ids of ``model_config``'s family."""
-    return TASKS[name](data, family_of(model_config).special_ids(model_config))
+def make_task(name: str, data: DataConfig, model_config: ModelConfig,
+              examples: dict[str, Any] | None = None) -> Task:
+    """Task ``name`` bound to ``data``, the special ids of ``model_config``'s family and the
+    stores' ``examples`` description (fine-tuning stores; None for text)."""
+    return TASKS[name](data, family_of(model_config).special_ids(model_config), examples)

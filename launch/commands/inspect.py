@@ -26,8 +26,14 @@ def run(args) -> int:
     tok = info["tokenizer"]
     print(f"store       {info['path']}  ({info['format']})")
     print(f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  eot {tok['eot_id']}  dtype {info['dtype']}")
+    examples = info["examples"]
+    if examples is not None:
+        template = examples["template"]["name"] if examples["template"] else "none"
+        print(f"examples    {examples['format']}  template {template}  "
+              f"max {examples['max_tokens']} tokens")
     for name, c in info["splits"].items():
-        print(f"split       {name:<5}  {c['docs']:>12,} docs  {c['tokens']:>15,} tokens")
+        loss = f"  {c['loss_tokens']:>12,} loss tokens" if "loss_tokens" in c else ""
+        print(f"split       {name:<5}  {c['docs']:>12,} docs  {c['tokens']:>15,} tokens{loss}")
     skipped = info["skipped"]
     reasons = ", ".join(f"{k}: {v}" for k, v in skipped["by_reason"].items())
     print(f"skipped     {skipped['total']:,} records" + (f"  ({reasons})" if reasons else ""))

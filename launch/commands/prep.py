@@ -9,6 +9,7 @@ import os
 import time
 
 from zeroforge.data_prep.build import PrepError, PrepOptions, build_store
+from zeroforge.data_prep.examples import FORMATS, TEMPLATES, ExampleOptions
 from zeroforge.data_prep.parts import finalize, part_dir
 from zeroforge.data_prep.sources import BUILTIN_CORPORA, TEXT_MODES, SourceError, SourceOptions
 from zeroforge.data_prep.storage import StorageError
@@ -24,7 +25,10 @@ for a Hugging Face hub dataset; builtin corpora that need no download: {', '.joi
 Rerun the same command after an interruption to continue; rerunning on a complete store is a no-op.
 --out (and --finalize) take a local directory or s3://BUCKET/PREFIX; S3 endpoint and credentials
 come from the standard AWS variables and ~/.aws files (docs/token-store.md, "Object storage").
-"""
+
+formats: text (documents, the default); sft (prompt/response fields, or a chat in --messages-field,
+rendered through --template); pairs (source/target fields, for the encoder-decoder).
+templates: """ + "; ".join(f"{t.name}: {t.description}" for t in TEMPLATES.values()) + ".\n"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSONL/Parquet/HF field with the text (default text)")
     p.add_argument("--id-field", default="id", help="field used as document id when present (default id)")
     p.add_argument("--split", default="train", dest="hf_split", help="Hugging Face dataset split (default train)")
+    d = ExampleOptions()
+    p.add_argument("--format", default=d.format, choices=FORMATS, help="what a record is (default text)")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="sft: prompt field (default prompt)")
+    p.add_argument("--response-field", default=d.response_field, help="sft: response field (default response)")
+    p.add_argument("--messages-field", default=d.messages_field,
+                   help="sft: chat field, a list of {role, content} (default messages)")
+    p.add_argument("--template", default=d.template, choices=list(TEMPLATES),
+                   help="sft: how a chat becomes text (default plain)")
+    p.add_argument("--source-field", default=d.source_field, help="pairs: source field (default source)")
+    p.add_argument("--target-field", default=d.target_field, help="pairs: target field (default target)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help="sft/pairs: skip longer examples (sft: whole example; pairs: either side) (default 1024)")
     p.add_argument("--streaming", action="store_true", help="stream a Hugging Face hub dataset")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store built with other settings")
@@ -74,6 +90,8 @@ def options_from_args(args) -> PrepOptions:
         tokenizer=args.tokenizer,
         val_fraction=args.val_fraction,
         source=SourceOptions(args.text_mode, args.text_field, args.id_field, args.hf_split, args.streaming),
+        examples=ExampleOptions(args.format, args.prompt_field, args.response_field, args.messages_field,
+                                args.source_field, args.target_field, args.template, args.max_tokens),
         layout=Layout(
             shard_tokens=args.shard_tokens,
             chunk_tokens=args.chunk_tokens,

@@ -16,7 +16,10 @@ class DataConfig(Section):
 
     store: str | None = None  # token store path (single store)
     mixture: list[dict] = Field(default_factory=list)  # [{"store": path, "weight": w}, ...]
-    seq_len: int = 256  # GPT context length / T5 encoder input length
+    seq_len: int = 256  # GPT context length / T5 encoder input length (seq2seq: longest source)
+    target_len: int = 128  # seq2seq: longest target (with its EOT); longer examples are left out
+    # gpt: attention within documents only, positions restarting at each EOT (sft always does)
+    document_mask: bool = False
     noise_density: float = 0.15  # T5 span corruption: fraction of raw tokens masked
     mean_span_length: float = 3.0  # T5 span corruption: mean noise span length
     prefetch: int = 4  # micro-batches prepared ahead by the background thread
@@ -51,6 +54,8 @@ class DataConfig(Section):
             problems.append(location_problem(self.store, "data.store"))
         if self.seq_len < 2:
             problems.append(f"data.seq_len must be at least 2, got {self.seq_len}")
+        if self.target_len < 1:
+            problems.append(f"data.target_len must be at least 1, got {self.target_len}")
         if not 0.0 < self.noise_density < 1.0:
             problems.append(f"data.noise_density must be in (0, 1), got {self.noise_density}")
         if not self.mean_span_length >= 1.0:

@@ -21,7 +21,7 @@ from zeroforge.pipeline.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 0  # masks are the same for every run
+EVAL_SEED = 0  # masks and packing are the same for every run
 EVAL_STREAM = 1  # and never coincide with training masks (loader.TRAIN_STREAM)
 
 
@@ -34,9 +34,9 @@ def _selection(ex: SplitWindows, split: str, total: int, quiet: bool) -> list[tu
             continue
         if have < 1:
             raise ConfigError(
-                f"data.val_windows: store {ex.paths[j]} has no {split} window of "
-                f"{ex.layout.read_len} tokens; rebuild it with --val-fraction > 0, or set "
-                "data.val_windows: 0")
+                f"data.val_windows: store {ex.paths[j]} has no {split} {ex.task.unit_name} "
+                f"for task {ex.task.name} (data.seq_len={ex.data.seq_len}); rebuild it with "
+                "--val-fraction > 0, or set data.val_windows: 0")
         if want > have and not quiet:
             log.warning("data.val_windows: store %s has only %d %s windows, using all",
                         ex.paths[j], have, split)
@@ -53,7 +53,9 @@ def eval_batches(task: Task, batch_size: int, rank: int, world: int, split: str 
         raise ValueError(f"bad eval layout: batch_size={batch_size}, rank={rank}, world={world}")
     if task.data.val_windows == 0:
         return []
-    ex = SplitWindows(task.data, open_stores(task.data), split, task.layout)
+    ex = SplitWindows(task.data, open_stores(task.data), split, task, EVAL_SEED)
+    if rank == 0 and (dropped := ex.describe_dropped(split)) is not None:
+        log.warning("evaluation: %s", dropped)
     chosen = _selection(ex, split, task.data.val_windows, quiet=rank != 0)
     usable = len(chosen) - len(chosen) % world
     mine = np.arange(rank, usable, world, dtype=np.int64)

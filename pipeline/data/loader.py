@@ -1,7 +1,8 @@
 """Training micro-batches for one rank, in the global order, prefetched by a background thread.
 
 Vocabulary:
-    window      fixed-length slice of a split's token stream (the task's ``Layout``)
+    window      a unit of a split as the task cuts it (data/windows.py): a fixed-length slice
+                of the token stream, a packed window of examples, or one example
     G           global batch = micro_batch * grad_accum * world samples per optimizer step
     sample g    position g in the global order (epoch included): the sample_ids of the batches
 """
@@ -58,7 +59,7 @@ class TrainLoader:
                 f"rank={rank}, world={world}"
             )
         cfg = task.data
-        self.windows = SplitWindows(cfg, open_stores(cfg), "train", task.layout)
+        self.windows = SplitWindows(cfg, open_stores(cfg), "train", task, seed)
         self.cfg, self.task, self.seed = cfg, task, seed
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.rank, self.world = rank, world
@@ -67,9 +68,9 @@ class TrainLoader:
         for i, n in enumerate(ex.counts):
             if n < 1:
                 raise ConfigError(
-                    f"data.seq_len={cfg.seq_len}: store {ex.paths[i]} has only "
-                    f"{ex.splits[i].n_tokens} train tokens, less than one window of "
-                    f"{task.layout.read_len}"
+                    f"data.seq_len={cfg.seq_len}: store {ex.paths[i]} has not one train "
+                    f"{task.unit_name} for task {task.name} ({ex.splits[i].n_tokens} tokens, "
+                    f"{ex.dropped[i]} examples too long)"
                 )
         counts = mixture_counts(ex.weights, self.global_batch)
         if 0 in counts:
@@ -86,15 +87,19 @@ class TrainLoader:
         self._waited = 0.0  # seconds __next__ spent waiting for the producer (take_wait)
         if state is not None:
             self.load_state_dict(state)
+        self._sorted_steps: dict[int, np.ndarray] = {}  # first sample of a step -> ids by length
         if rank == 0:
             log.info(
-                "data: %s over %s, %s windows per epoch, %d samples per global step (%s)",
+                "data: %s over %s, %s %ss per epoch, %d samples per global step (%s)",
                 task.name,
                 ex.paths,
                 ex.counts,
+                task.unit_name,
                 self.global_batch,
                 counts,
             )
+            if (dropped := ex.describe_dropped("train")) is not None:
+                log.warning("data: %s", dropped)
 
     # -- geometry ---------------------------------------------------------------------------
 
@@ -109,8 +114,27 @@ class TrainLoader:
         return store, window
 
     def _micro_ids(self, step: int, micro: int) -> np.ndarray:
-        base = self._start + step * self.global_batch + micro * self.micro_batch * self.world
-        return base + self.rank * self.micro_batch + np.arange(self.micro_batch, dtype=np.int64)
+        offset = micro * self.micro_batch * self.world + self.rank * self.micro_batch
+        if self.task.length_aware:
+            return self._step_by_length(step)[offset:offset + self.micro_batch]
+        base = self._start + step * self.global_batch
+        return base + offset + np.arange(self.micro_batch, dtype=np.int64)
+
+    def _step_by_length(self, step: int) -> np.ndarray:
+        """The samples of a global step, shortest first (ties by sample id): the same
+        arrangement on every rank and for any world size with the same global batch, so each
+        micro-batch holds examples of similar length and pads little."""
+        base = self._start + step * self.global_batch
+        ids = self._sorted_steps.get(base)
+        if ids is None:
+            ids = base + np.arange(self.global_batch, dtype=np.int64)
+            store, _, window = self.order.locate(ids)
+            ids = ids[np.argsort(self.windows.lengths(store, window), kind="stable")]
+            # Two steps at hand: the one being read and the one read-ahead asks about.
+            if len(self._sorted_steps) >= 2:
+                self._sorted_steps.pop(next(iter(self._sorted_steps)))
+            self._sorted_steps[base] = ids
+        return ids
 
     def _make(self, step: int, micro: int) -> dict:
         g = self._micro_ids(step, micro)

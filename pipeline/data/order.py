@@ -13,6 +13,14 @@ from fractions import Fraction
 import numpy as np
 
 _FEISTEL_ROUNDS = 6
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def feistel_key(seed: int, store: int, epoch: int) -> list[int]:
+    """Round keys of the permutation of ``store``'s units in ``epoch`` (packing.py uses a
+    pseudo-epoch of its own)."""
+    seq = np.random.SeedSequence([seed & _U64, store, epoch])
+    return seq.generate_state(_FEISTEL_ROUNDS, dtype=np.uint64).tolist()
 
 
 def mixture_counts(weights: Sequence[float], total: int) -> list[int]:
@@ -100,9 +108,8 @@ class GlobalOrder:
         if perm is None:  # building one is cheap; the cache only saves the key derivation
             if len(self._perms) > 64:  # epochs only move forward; keep the cache small
                 self._perms = {}
-            seq = np.random.SeedSequence([self.seed & 0xFFFFFFFFFFFFFFFF, store, epoch])
-            key = seq.generate_state(_FEISTEL_ROUNDS, dtype=np.uint64)
-            perm = FeistelPermutation(self.windows_per_epoch[store], key)
+            perm = FeistelPermutation(self.windows_per_epoch[store],
+                                      feistel_key(self.seed, store, epoch))
             self._perms[(store, epoch)] = perm
         return perm
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.config import RunConfig, apply_overrides, build_run_config, load_run_config
 from zeroforge.pipeline.data.eval_set import eval_batches
-from zeroforge.pipeline.data.windows import open_stores, store_fingerprint
+from zeroforge.pipeline.data.windows import open_stores, store_examples, store_fingerprint
 from zeroforge.pipeline.dist import DistEnv, discover
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.results.weights import (
@@ -113,20 +113,22 @@ def _load_single(cfg: RunConfig, tag_dir: Path) -> tuple[Any, Task, int, str]:
         changed = sorted(k for k in wanted if info.model_config.to_dict().get(k) != wanted[k])
         raise CheckpointError(f"{tag_dir}: the checkpoint's model differs from the config's "
                               f"(model.{', model.'.join(changed)})")
-    tokenizer = open_stores(cfg.data)[0].tokenizer
+    stores = open_stores(cfg.data)
+    tokenizer = stores[0].tokenizer
     if info.tokenizer is not None and info.tokenizer != tokenizer:
         raise CheckpointError(f"data.store: tokenizer {tokenizer!r}, but {tag_dir} was trained "
                               f"with {info.tokenizer!r}")
-    task = registry.make_task(cfg.task_name, cfg.data, info.model_config)
+    task = registry.make_task(cfg.task_name, cfg.data, info.model_config, store_examples(stores))
     return model, task, info.step, device
 
 
 def _load_on_ranks(cfg: RunConfig, d: DistEnv, tag_dir: Path) -> tuple[Any, Task, int]:
-    fingerprint = store_fingerprint(open_stores(cfg.data))
+    stores = open_stores(cfg.data)
+    fingerprint = store_fingerprint(stores)
     model_config = cfg.build_model_config()
     model = registry.family_of(model_config).build(model_config)
     engine = build_engine(model, cfg.ds_config(d.world_size, detect_device()), cfg.optim)
     client = ckpt.load(engine, tag_dir.parent, tag_dir.name, d.rank, module_only=True)
     ckpt.check_compatible(client, model_config.to_dict(), fingerprint, str(tag_dir))
-    task = registry.make_task(cfg.task_name, cfg.data, model_config)
+    task = registry.make_task(cfg.task_name, cfg.data, model_config, store_examples(stores))
     return engine, task, int(client.get("step", 0))

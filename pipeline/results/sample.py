@@ -51,11 +51,12 @@ def decode(ids: list[int], enc: tiktoken.Encoding, model_config: ModelConfig) ->
 
 
 def checkpoint_task(info: CheckpointInfo) -> Task:
-    """The task the checkpoint was trained with, bound to its saved data settings."""
+    """The task the checkpoint was trained with, bound to its saved data settings and to the
+    examples description (template) of its token store, saved with the checkpoint."""
     saved = info.run_config
     name = registry.task_name(info.family.name, saved.get("task"))
     return registry.make_task(name, DataConfig.model_validate(saved.get("data") or {}),
-                              info.model_config)
+                              info.model_config, info.data_order.get("examples"))
 
 
 def sample(checkpoint: str | Path, prompt: str, max_new_tokens: int, num_samples: int,

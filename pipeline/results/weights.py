@@ -61,6 +61,9 @@ class CheckpointInfo:
     zero_stage: int
     run_config: dict[str, Any] = field(default_factory=dict)
     tracking_run_id: str | None = None  # the MLflow run that wrote it (None: not tracked)
+    # The data loader's order identity (training/loop.py saves it): the task's settings, e.g.
+    # the fine-tuning store's examples description with its template.
+    data_order: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"checkpoint": str(self.tag_dir), "step": self.step, "family": self.family.name,
@@ -181,7 +184,8 @@ def read_checkpoint(path: str | Path, weights: bool = True
         model_config=family.config_cls.from_dict(model_dict), tokenizer=_tokenizer_of(states),
         store_fingerprint=states.get("store_fingerprint") or marker.get("store_fingerprint"),
         zero_stage=_zero_stage(states, tag_dir), run_config=states.get("run_config") or {},
-        tracking_run_id=states.get("tracking_run_id"))
+        tracking_run_id=states.get("tracking_run_id"),
+        data_order=(states.get("data") or {}).get("order") or {})
     if not weights:
         return info, None
     if info.zero_stage >= 1:

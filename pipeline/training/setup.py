@@ -15,7 +15,7 @@ from zeroforge.pipeline import registry
 from zeroforge.pipeline.config import RunConfig, dump_yaml
 from zeroforge.pipeline.data.eval_set import eval_batches
 from zeroforge.pipeline.data.loader import TrainLoader
-from zeroforge.pipeline.data.windows import open_stores, store_fingerprint
+from zeroforge.pipeline.data.windows import open_stores, store_examples, store_fingerprint
 from zeroforge.pipeline.dist import DistEnv
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.results.weights import init_from
@@ -77,7 +77,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
         log.warning("ignoring incomplete checkpoint(s) %s; starting from step 0",
                     [t for _, t in partial])
 
-    task = registry.make_task(cfg.task_name, cfg.data, model_config)
+    task = registry.make_task(cfg.task_name, cfg.data, model_config, store_examples(stores))
     loader = TrainLoader(task, cfg.train.micro_batch_size, cfg.train.grad_accum, d.rank,
                          d.world_size, cfg.train.seed, state=client.get("data"))
     val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)

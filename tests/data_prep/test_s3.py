@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from zeroforge.data_prep.build import build_store
 from zeroforge.data_prep.cache import CacheOptions, DiskCache
 from zeroforge.data_prep.locations import open_storage
@@ -101,6 +102,34 @@ def test_cli_prep_inspect_verify_on_s3(zf, s3, corpus, tmp_path):
     assert described["fingerprint"] == TokenStore.open(local).fingerprint
     ok = zf("verify", url)
     assert ok.rc == 0 and ok.out.strip() == f"OK {url}"
+
+
+def test_fine_tuning_store_on_s3_reads_and_verifies_like_local(s3, tmp_path):
+    """A version-2 (sft) store: the loss mask goes up and comes back like the tokens, and
+    verify checks the mask's invariants on S3 too."""
+    from zeroforge.data_prep.examples import ExampleOptions
+
+    def options():
+        return opts(examples=ExampleOptions(format="sft"), val_fraction=0.1)
+
+    url = s3.new_bucket() + "/sft"
+    build_store(["builtin:pydoc-qa"], url, options())
+    build_store(["builtin:pydoc-qa"], tmp_path / "local", options())
+    assert _objects(url) == _local_files(tmp_path / "local")
+    local, remote = TokenStore.open(tmp_path / "local"), TokenStore.open(url)
+    for name in ("train", "val"):
+        x, y = remote.split(name), local.split(name)
+        assert x.has_loss_mask and np.array_equal(x.doc_offsets, y.doc_offsets)
+        assert np.array_equal(x.tokens(0, x.n_tokens), y.tokens(0, y.n_tokens))
+        assert np.array_equal(x.loss_mask(0, x.n_tokens), y.loss_mask(0, y.n_tokens))
+    assert verify_store(url) == []
+    # The final EOT of example 0 loses its loss, rewritten through zarr so that every chunk's
+    # CRC is valid: only the mask invariants can notice.
+    eot_at = int(remote.split("train").doc_offsets[1]) - 1
+    mask = zarr.open_array(open_storage(url).zarr_store(), path="train/loss_mask", mode="r+")
+    mask[eot_at] = 0
+    problems = "\n".join(verify_store(url))
+    assert "an example's final EOT carries no loss (example 0" in problems
 
 
 # --- reads ----------------------------------------------------------------------------------------

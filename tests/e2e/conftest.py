@@ -98,16 +98,17 @@ def free_port() -> int:
     return fp()
 
 
-def start(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None
-          ) -> tuple[subprocess.Popen, Path]:
-    """Start a run in its own session (so a debug SIGKILL of the process group spares pytest)."""
+def start(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None,
+          config: str = TINY_CONFIG) -> tuple[subprocess.Popen, Path]:
+    """Start a run of ``config`` (default gpt2-tiny-cpu) in its own session (so a debug SIGKILL
+    of the process group spares pytest)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / f"launch-{time.time_ns()}.log"
     if nproc == 1:
-        cmd = [PYTHON, "-m", "zeroforge.launch", "train", "--config", TINY_CONFIG, *overrides]
+        cmd = [PYTHON, "-m", "zeroforge.launch", "train", "--config", config, *overrides]
     else:
         cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               "--module", "zeroforge.launch", "train", "--config", TINY_CONFIG, *overrides]
+               "--module", "zeroforge.launch", "train", "--config", config, *overrides]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=f, stderr=subprocess.STDOUT,
@@ -125,9 +126,9 @@ def finish(proc: subprocess.Popen, log: Path, run_dir: Path) -> Result:
     return Result(proc.returncode, log.read_text(), run_dir, read_metrics(run_dir))
 
 
-def launch(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None
-           ) -> Result:
-    proc, log = start(run_dir, overrides, nproc, env)
+def launch(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None,
+           config: str = TINY_CONFIG) -> Result:
+    proc, log = start(run_dir, overrides, nproc, env, config)
     return finish(proc, log, run_dir)
 
 

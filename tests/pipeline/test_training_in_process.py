@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from zeroforge.data_prep.build import PrepOptions, build_store
 from zeroforge.pipeline.config import load_run_config
 from zeroforge.pipeline.dist import PreemptionFlag, discover
@@ -16,15 +15,7 @@ from zeroforge.pipeline.errors import EXIT_OK
 from zeroforge.pipeline.tracking.metrics_file import read_metrics
 from zeroforge.pipeline.training import checkpoint as ckpt
 from zeroforge.pipeline.training.loop import fit
-from zeroforge.pipeline.training.process import init_distributed
 from zeroforge.pipeline.training.setup import setup
-
-
-@pytest.fixture(scope="module")
-def device(tmp_path_factory):
-    device = init_distributed(discover())
-    yield device
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
