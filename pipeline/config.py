@@ -229,6 +229,14 @@ def _value_problems(cfg: RunConfig) -> list[str]:
         registry.task_name(cfg.model.family, cfg.task)
     except ConfigError as e:
         p.append(str(e))
+    if not p:  # the task's window layout against the model, before any rank starts
+        model_config = cfg.build_model_config()
+        try:
+            task = registry.make_task(cfg.task_name, cfg.data, model_config)
+        except ConfigError as e:
+            p.append(str(e))
+        else:
+            p += registry.input_problems(model_config, task.layout)
     return p
 
 

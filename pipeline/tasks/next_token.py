@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 import torch
-from zeroforge.pipeline.tasks.base import Layout, Task
+from zeroforge.pipeline.tasks.base import Layout, Task, to_device
 
 
 class NextToken(Task):
@@ -34,10 +34,10 @@ class NextToken(Task):
 
     def logits_and_labels(self, model: Any, batch: dict[str, torch.Tensor], device: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        return model(batch["input_ids"].to(device)), batch["targets"].to(device)
+        return model(to_device(batch["input_ids"], device)), to_device(batch["targets"], device)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
-        return model(batch["input_ids"].to(device), batch["targets"].to(device))
+        return model(to_device(batch["input_ids"], device), to_device(batch["targets"], device))
 
     def prompt_ids(self, text: str, enc: tiktoken.Encoding) -> list[int]:
         """The text as ordinary tokens (special-token text stays text, as in the token store);

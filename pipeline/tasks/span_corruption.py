@@ -34,7 +34,7 @@ import numpy as np
 import tiktoken
 import torch
 from zeroforge.pipeline.errors import ConfigError
-from zeroforge.pipeline.tasks.base import Layout, Task
+from zeroforge.pipeline.tasks.base import Layout, Task, to_device
 
 _U64 = (1 << 64) - 1
 
@@ -183,14 +183,14 @@ class SpanCorruption(Task):
 
     def logits_and_labels(self, model: Any, batch: dict[str, torch.Tensor], device: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["input_ids"].to(device),
-                       decoder_input_ids=batch["decoder_input_ids"].to(device))
-        return logits, batch["labels"].to(device)
+        logits = model(to_device(batch["input_ids"], device),
+                       decoder_input_ids=to_device(batch["decoder_input_ids"], device))
+        return logits, to_device(batch["labels"], device)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
-        return model(batch["input_ids"].to(device),
-                     decoder_input_ids=batch["decoder_input_ids"].to(device),
-                     labels=batch["labels"].to(device))
+        return model(to_device(batch["input_ids"], device),
+                     decoder_input_ids=to_device(batch["decoder_input_ids"], device),
+                     labels=to_device(batch["labels"], device))
 
     def order_identity(self) -> dict[str, Any]:
         return {"noise": [self.data.noise_density, self.data.mean_span_length]}

@@ -26,6 +26,9 @@ class TrainConfig(Section):
     early_stopping_patience: int = 0  # stop after N evals without improvement; 0: off
     early_stopping_min_delta: float = 0.0  # improvement smaller than this does not count
     max_nonfinite_in_a_row: int = 3  # more consecutive skipped (non-finite) steps: stop
+    # fp16 only: more consecutive loss-scale overflows: stop. From the shipped initial scale
+    # 2^16, 17 overflows in a row reach fp16.min_loss_scale 1 (DeepSpeed stops there itself).
+    max_overflows_in_a_row: int = 32
     sample_prompts: list[str] = Field(default_factory=lambda: ["The", "Once upon a time"])
     sample_tokens: int = 32  # greedy + top-k continuations logged at each eval; 0: off
 
@@ -35,7 +38,7 @@ class TrainConfig(Section):
             if getattr(self, name) < 1:
                 p.append(f"train.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "early_stopping_patience", "max_nonfinite_in_a_row",
-                     "sample_tokens"):
+                     "max_overflows_in_a_row", "sample_tokens"):
             if getattr(self, name) < 0:
                 p.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,14 @@ from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.progress import Progress
 
 
+class Outcome(Enum):
+    """What one optimizer step did (training/step.py decides, training/loop.py counts)."""
+
+    APPLIED = "applied"
+    NONFINITE = "nonfinite"  # a non-finite loss or gradient on some rank: skipped
+    OVERFLOW = "overflow"  # fp16: the loss scaler found overflowing gradients, lowered the scale
+
+
 @dataclass
 class LoopState:
     """Everything the loop carries between steps that a resume must restore."""
@@ -25,8 +34,10 @@ class LoopState:
     step: int = 0  # optimizer steps done (skipped ones included)
     samples: int = 0
     tokens: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # steps without an update, of either kind below
     nonfinite_in_a_row: int = 0
+    overflow_steps: int = 0  # fp16 loss-scale overflows (counted in skipped_steps too)
+    overflows_in_a_row: int = 0
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0
 
