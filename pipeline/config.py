@@ -229,15 +229,23 @@ def _value_problems(cfg: RunConfig) -> list[str]:
         registry.task_name(cfg.model.family, cfg.task)
     except ConfigError as e:
         p.append(str(e))
-    if not p:  # the task's window layout against the model, before any rank starts
-        model_config = cfg.build_model_config()
-        try:
-            task = registry.make_task(cfg.task_name, cfg.data, model_config)
-        except ConfigError as e:
-            p.append(str(e))
-        else:
-            p += registry.input_problems(model_config, task.layout)
+    if not p:
+        p += _layout_problems(cfg)
     return p
+
+
+def _layout_problems(cfg: RunConfig) -> list[str]:
+    """The task's windows against the model (e.g. ``data.seq_len`` past the context), found
+    before any rank starts rather than inside the first forward."""
+    try:
+        model_config = cfg.build_model_config()
+    except (TypeError, ValueError):  # no model fields at all: setup reports it
+        return []
+    try:
+        task = registry.make_task(cfg.task_name, cfg.data, model_config)
+    except ConfigError as e:
+        return [str(e)]
+    return registry.input_problems(model_config, task.layout)
 
 
 def build_run_config(data: dict[str, Any]) -> RunConfig:
