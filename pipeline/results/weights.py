@@ -11,8 +11,9 @@ The weights are fp32 whatever the training precision or ZeRO stage: stage 1-3 ch
 consolidated from the optimizer's fp32 master partitions with DeepSpeed's own
 ``zero_to_fp32`` (CPU only, any number of shards; ZeRO-3 keeps no full weights anywhere else).
 Stage 0 saves the whole module and optimizer in ``mp_rank_00_model_states.pt``; in bf16/fp16
-the module is a rounded copy, so the weights come from the optimizer's flat fp32 masters (one
-per parameter group, in ``training.optim.param_groups`` order), in fp32 from the module itself. The model config, the run
+the module is a rounded copy, so the weights come from the optimizer's fp32 masters (per
+parameter group, in ``training.optim.param_groups`` order: flat with DeepSpeed's FusedAdam, one
+tensor per parameter with torch's AdamW), in fp32 from the module itself. The model config, the run
 config and the tokenizer come from the client state that training saves with every checkpoint
 (training/loop.py), so nothing else has to travel with the checkpoint.
 """
@@ -191,8 +192,12 @@ def read_checkpoint(path: str | Path, weights: bool = True
 def _stage0_weights(states: dict[str, Any], info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """The fp32 state dict of a stage-0 checkpoint (see the module docstring)."""
     state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    masters = (states.get("optimizer") or {}).get("fp32_groups_flat")
-    if not masters:  # fp32 training: the module holds the weights the optimizer updates
+    optimizer = states.get("optimizer") or {}
+    if "fp32_groups_flat" in optimizer:  # FP16_Optimizer (DeepSpeed's FusedAdam)
+        masters = list(optimizer["fp32_groups_flat"])
+    elif "fp32_groups" in optimizer:  # FP16_UnfusedOptimizer (torch's AdamW): one per param
+        masters = [torch.cat([t.reshape(-1) for t in group]) for group in optimizer["fp32_groups"]]
+    else:  # fp32 training: the module holds the weights the optimizer updates
         return state
     with torch.device("meta"):  # only the parameters' order and shapes are needed
         model = info.family.build(info.model_config)
