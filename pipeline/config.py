@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
+from zeroforge.pipeline.dist import DistConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.registry import ModelConfig
 from zeroforge.pipeline.section import Section
@@ -90,6 +91,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.model_dump(exclude={"model"}), "model": self.model.to_dict()}
@@ -219,7 +221,7 @@ def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
 
 def _value_problems(cfg: RunConfig) -> list[str]:
     p: list[str] = []
-    for section in (cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.tracking):
+    for section in (cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.tracking, cfg.dist):
         p += section.problems()
     if not cfg.run_dir:
         p.append("run_dir must be a directory path")

@@ -96,7 +96,7 @@ def evaluate_checkpoint(cfg: RunConfig, tag_dir: Path, split: str = "val") -> di
     if d.world_size == 1:
         model, task, step, device = _load_single(cfg, tag_dir)
     else:
-        device = init_distributed(d)
+        device = init_distributed(d, cfg.dist.timeout)
         model, task, step = _load_on_ranks(cfg, d, tag_dir)
     batches = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size, split)
     result = evaluate(model, batches, task, device)

@@ -7,11 +7,14 @@ Every launcher starts the same command on every rank (``python -m zeroforge.laun
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
+import torch.distributed as dist
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.dist import PreemptionFlag, discover
-from zeroforge.pipeline.errors import EXIT_OK, ConfigError, ZeroforgeError
+from zeroforge.pipeline.errors import EXIT_OK, ConfigError, RunError, ZeroforgeError
 from zeroforge.pipeline.tracking.tracker import tracking_status
 from zeroforge.pipeline.training.loop import fit
 from zeroforge.pipeline.training.process import init_distributed
@@ -28,12 +31,27 @@ def _quiet_other_ranks(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _timeouts_reported(timeout_s: float | None, rank: int) -> Iterator[None]:
+    """A collective that timed out (gloo: "Timed out waiting ...", NCCL: DistBackendError) as
+    one line that says what happened, instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistBackendError) or "Timed out" in str(e)):
+            raise
+        limit = f"{timeout_s:g} s" if timeout_s is not None else "DeepSpeed's default"
+        raise RunError(f"rank {rank}: a collective waited longer than dist.timeout ({limit}) "
+                       f"for the other ranks; one of them stopped responding "
+                       f"({str(e).splitlines()[0][-120:]})") from e
+
+
 def train(cfg: RunConfig) -> int:
     """Run this process's rank (call once per rank); returns the exit code."""
     d = discover()
     _quiet_other_ranks(d.rank)
     preempt = PreemptionFlag().install()
-    device = init_distributed(d)
+    device = init_distributed(d, cfg.dist.timeout)
     try:
         run = setup(cfg, d, device)
     except ZeroforgeError:
@@ -41,7 +59,7 @@ def train(cfg: RunConfig) -> int:
     except ValueError as e:  # a bad store, model field or weights file: the input is wrong
         raise ConfigError(str(e)) from None
     try:
-        with tracking_status(run.tracker):
+        with tracking_status(run.tracker), _timeouts_reported(cfg.dist.timeout, d.rank):
             code = fit(run, preempt)
     finally:
         run.loader.close()

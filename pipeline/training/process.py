@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 from typing import Any
 
 import deepspeed
 import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.constants import default_pg_timeout
 from zeroforge.pipeline.dist import DistEnv, export_torch_env, free_port
 
 
-def init_distributed(d: DistEnv) -> str:
-    """Join the process group (gloo on CPU, NCCL on CUDA); returns the device name."""
+def init_distributed(d: DistEnv, timeout_s: float | None = None) -> str:
+    """Join the process group (gloo on CPU, NCCL on CUDA) with a collective timeout of
+    ``timeout_s`` seconds (``dist.timeout``; None: DeepSpeed's default); returns the device."""
     if d.source == "single" and "MASTER_PORT" not in os.environ:
         # A lone process still needs a (1-rank) group for DeepSpeed; avoid a fixed port that
         # a concurrent run may hold.
@@ -25,8 +28,9 @@ def init_distributed(d: DistEnv) -> str:
     backend = "nccl" if on_gpu else "gloo"
     if on_gpu:
         torch.cuda.set_device(d.local_rank)
+    timeout = default_pg_timeout if timeout_s is None else timedelta(seconds=timeout_s)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               rank=d.rank, world_size=d.world_size)
+                               rank=d.rank, world_size=d.world_size, timeout=timeout)
     return f"cuda:{d.local_rank}" if on_gpu else "cpu"
 
 
