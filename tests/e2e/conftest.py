@@ -115,9 +115,10 @@ def start(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None 
     return proc, log
 
 
-def finish(proc: subprocess.Popen, log: Path, run_dir: Path) -> Result:
+def finish(proc: subprocess.Popen, log: Path, run_dir: Path, timeout: float = RUN_TIMEOUT_S
+           ) -> Result:
     try:
-        proc.wait(timeout=RUN_TIMEOUT_S)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -125,10 +126,10 @@ def finish(proc: subprocess.Popen, log: Path, run_dir: Path) -> Result:
     return Result(proc.returncode, log.read_text(), run_dir, read_metrics(run_dir))
 
 
-def launch(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None
-           ) -> Result:
+def launch(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None,
+           timeout: float = RUN_TIMEOUT_S) -> Result:
     proc, log = start(run_dir, overrides, nproc, env)
-    return finish(proc, log, run_dir)
+    return finish(proc, log, run_dir, timeout)
 
 
 def rank_processes(proc: subprocess.Popen) -> dict[int, object]:
