@@ -33,7 +33,7 @@ from zeroforge.pipeline.training.engine import (
     require_tested_deepspeed,
 )
 from zeroforge.pipeline.training.optim import apply_settings
-from zeroforge.pipeline.training.process import seed_everything
+from zeroforge.pipeline.training.process import seed_everything, use_deterministic_kernels
 from zeroforge.pipeline.training.state import LoopState, Run
 
 log = logging.getLogger("zeroforge.train")
@@ -78,6 +78,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     cfg = plan.run_config(cfg)
     ds = plan.ds_config(cfg.ds_config(d.world_size, detect_device()))
     family = registry.family_of(model_config)
+    use_deterministic_kernels(cfg.train.deterministic, device)
     latest = ckpt.latest_committed(ckpt_dir)
     engine, n_params = _build(cfg, d, ds, family, model_config, tokenizer,
                               fresh=latest is None)
