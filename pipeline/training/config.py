@@ -21,7 +21,8 @@ class TrainConfig(Section):
     precision: str = "auto"  # auto (bf16 on a bf16-capable GPU, else fp32) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile(): inductor)
     # Deterministic kernels (torch.use_deterministic_algorithms): the same run gives the same
-    # bits, so a resume is exact. None: on for CPU; off on GPU, where they cost speed.
+    # bits, so a resume is exact. None: on when compiling on CPU (eager CPU kernels are
+    # deterministic already); off on GPU, where they cost speed.
     deterministic: bool | None = None
     log_every: int = 1  # metrics.jsonl / tracker / progress line every N steps
     eval_every: int = 0  # 0: evaluate only at the end

@@ -42,6 +42,7 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
         lr = lr_at(state.step, run.cfg.optim, cfg.max_steps)
         set_lr(run.engine.optimizer, lr)
         result = train_step(run, batches, preempt)
+        _startup_done(run)
         warning = count_step(state, result.outcome, cfg, run.loader)
         if warning and run.is_main:
             log.warning(warning)
@@ -108,6 +109,15 @@ def count_step(state: LoopState, outcome: Outcome, cfg: TrainConfig, loader: Tra
         raise TrainingError(f"step {state.step}: {n} {kind} in a row (more than "
                             f"train.{key}={limit})")
     return f"step {state.step}: {what}; step skipped ({n} in a row, {state.skipped_steps} in total)"
+
+
+def _startup_done(run: Run) -> None:
+    """After the first step of this process: rank 0 logs where the time to it went."""
+    if run.startup is not None:
+        run.startup.mark("first step")
+        if run.is_main:
+            log.info(run.startup.line())
+        run.startup = None
 
 
 class _Meter:

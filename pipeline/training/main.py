@@ -19,6 +19,7 @@ from zeroforge.pipeline.tracking.tracker import tracking_status
 from zeroforge.pipeline.training.loop import fit
 from zeroforge.pipeline.training.process import init_distributed
 from zeroforge.pipeline.training.setup import setup
+from zeroforge.pipeline.training.startup import StartupClock
 
 log = logging.getLogger("zeroforge.train")
 
@@ -48,12 +49,15 @@ def _timeouts_reported(timeout_s: float | None, rank: int) -> Iterator[None]:
 
 def train(cfg: RunConfig) -> int:
     """Run this process's rank (call once per rank); returns the exit code."""
+    clock = StartupClock()
+    clock.mark("python and imports")
     d = discover()
     _quiet_other_ranks(d.rank)
     preempt = PreemptionFlag().install()
     device = init_distributed(d, cfg.dist.timeout)
+    clock.mark("process group")
     try:
-        run = setup(cfg, d, device)
+        run = setup(cfg, d, device, clock)
     except ZeroforgeError:
         raise
     except ValueError as e:  # a bad store, model field or weights file: the input is wrong

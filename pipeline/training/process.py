@@ -34,19 +34,22 @@ def init_distributed(d: DistEnv, timeout_s: float | None = None) -> str:
     return f"cuda:{d.local_rank}" if on_gpu else "cpu"
 
 
-def use_deterministic_kernels(wanted: bool | None, device: str) -> bool:
-    """``train.deterministic`` for this process (None: on for CPU); returns the choice.
+def use_deterministic_kernels(wanted: bool | None, compiled: bool, device: str) -> bool:
+    """``train.deterministic`` for this process (None: on when compiling on CPU); returns it.
 
-    Needed for exact resume under ``train.compile`` on CPU: inductor's generated code adds the
-    gradient rows of repeated token ids (embedding backward) with atomic adds from several
-    threads, in a different order each run, unless deterministic algorithms are on. On GPU,
-    cuBLAS needs a fixed workspace for deterministic matmuls; set here before its first use.
+    Eager CPU kernels are deterministic anyway. Inductor's generated CPU code is not: it adds
+    the gradient rows of repeated token ids (embedding backward) with atomic adds from several
+    threads, in a different order each run, unless deterministic algorithms are on; so a
+    compiled run is exact on resume only with them. On GPU, cuBLAS needs a fixed workspace for
+    deterministic matmuls; it is set here, before its first use.
     """
-    on = device == "cpu" if wanted is None else wanted
+    on = (compiled and device == "cpu") if wanted is None else wanted
     if on and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # warn_only: an op without a deterministic kernel warns instead of stopping the run.
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    # Only when it changes anything: the call imports inductor (~1 s at start-up).
+    if on != torch.are_deterministic_algorithms_enabled():
+        # warn_only: an op without a deterministic kernel warns instead of stopping the run.
+        torch.use_deterministic_algorithms(on, warn_only=True)
     return on
 
 

@@ -3,6 +3,7 @@ committed checkpoint (or ``init_from`` weights for a fresh run)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -34,6 +35,7 @@ from zeroforge.pipeline.training.engine import (
 )
 from zeroforge.pipeline.training.optim import apply_settings
 from zeroforge.pipeline.training.process import seed_everything, use_deterministic_kernels
+from zeroforge.pipeline.training.startup import StartupClock
 from zeroforge.pipeline.training.state import LoopState, Run
 
 log = logging.getLogger("zeroforge.train")
@@ -65,8 +67,10 @@ def _all_gather_strings(value: str, world: int) -> list[str]:
     return [str(x) for x in out]
 
 
-def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
-    """Build model, engine, data and tracker; resume from the newest committed checkpoint."""
+def setup(cfg: RunConfig, d: DistEnv, device: str, clock: StartupClock | None = None) -> Run:
+    """Build model, engine, data and tracker; resume from the newest committed checkpoint.
+    ``clock`` (main.train's) records how long each part takes."""
+    mark = functools.partial(StartupClock.mark_on, clock)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = cfg.checkpoint.path(run_dir)
     fingerprint, vocab, tokenizer, eot = store_info(open_stores(cfg.data))
@@ -78,10 +82,12 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     cfg = plan.run_config(cfg)
     ds = plan.ds_config(cfg.ds_config(d.world_size, detect_device()))
     family = registry.family_of(model_config)
-    use_deterministic_kernels(cfg.train.deterministic, device)
+    use_deterministic_kernels(cfg.train.deterministic, cfg.train.compile, device)
     latest = ckpt.latest_committed(ckpt_dir)
+    mark("stores and config")
     engine, n_params = _build(cfg, d, ds, family, model_config, tokenizer,
                               fresh=latest is None)
+    mark("model and engine")
     state, client, optim_changes = LoopState(), {}, []
     if latest is not None:
         state, client, optim_changes = _resume(cfg, d, engine, plan, ckpt_dir, latest,
@@ -89,12 +95,14 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     elif d.rank == 0 and (partial := ckpt.partial(ckpt_dir)):
         log.warning("ignoring incomplete checkpoint(s) %s; starting from step 0",
                     [t for _, t in partial])
+    mark("resume")
 
     task = registry.make_task(cfg.task_name, cfg.data, model_config)
     loader = TrainLoader(task, cfg.train.micro_batch_size, cfg.train.grad_accum, d.rank,
                          d.world_size, cfg.train.seed, state=client.get("data"),
                          pin_memory=device.startswith("cuda"))
     val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
+    mark("data")
     hostnames = _all_gather_strings(socket.gethostname(), d.world_size)
     tracker = make_tracker(cfg.tracking, run_dir, d.rank,
                            resume_run_id=client.get("tracking_run_id"), hostnames=hostnames)
@@ -102,12 +110,13 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
               model_config=model_config, family=family, task=task, ds_config=ds, loader=loader,
               val=val, tracker=tracker, state=state, fingerprint=fingerprint, n_params=n_params,
               flops_per_step=family.flops_per_example(model_config, task.layout)
-              * loader.global_batch, tokenizer=tokenizer)
+              * loader.global_batch, tokenizer=tokenizer, startup=clock)
     if run.is_main:
         _start_reporting(run)
         if optim_changes:  # MLflow params keep their first values: the tag says what changed
             run.tracker.set_tags({f"zeroforge.optim_changed_at_step_{state.step}":
                                   "; ".join(optim_changes)})
+    mark("tracker")
     return run
 
 

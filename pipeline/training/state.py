@@ -17,6 +17,7 @@ from zeroforge.pipeline.tasks.base import Task
 from zeroforge.pipeline.tracking.base import Tracker
 from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.progress import Progress
+from zeroforge.pipeline.training.startup import StartupClock
 
 
 class Outcome(Enum):
@@ -74,6 +75,7 @@ class Run:
     tokenizer: str
     metrics: MetricsWriter | None = None  # rank 0 only
     progress: Progress | None = None  # rank 0 only
+    startup: StartupClock | None = None  # until the first step has been timed
 
     @property
     def is_main(self) -> bool:
