@@ -32,12 +32,11 @@ import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
-from zeroforge.pipeline.dist import DistConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.registry import ModelConfig
 from zeroforge.pipeline.section import Section
 from zeroforge.pipeline.tracking.base import TrackingConfig
-from zeroforge.pipeline.training.config import CheckpointConfig, TrainConfig
+from zeroforge.pipeline.training.config import CheckpointConfig, DistConfig, TrainConfig
 from zeroforge.pipeline.training.ds_config import Device, merge_ds_config
 from zeroforge.pipeline.training.optim import OptimConfig
 

@@ -21,31 +21,12 @@ import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from zeroforge.pipeline.section import Section
+from typing import Any
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DEFAULT_MASTER_PORT = 29500
 # Slurm jobs: the rendezvous port derives from the job id (launch/slurm templates use the same).
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
-
-
-class DistConfig(Section):
-    """The process group (YAML key ``dist``)."""
-
-    KEY: ClassVar[str] = "dist"
-
-    # Seconds a collective waits for the other ranks before the run fails, so a hung or dead
-    # rank ends the job instead of holding every GPU. None: DeepSpeed's default (10 minutes,
-    # or $DEEPSPEED_TIMEOUT minutes). Give slow one-off steps room: a checkpoint save or the
-    # elastic conversion on rank 0 runs while the other ranks wait at a barrier.
-    timeout: float | None = None
-
-    def problems(self) -> list[str]:
-        if self.timeout is not None and not self.timeout > 0:
-            return [f"dist.timeout must be a number of seconds > 0 (or null), got {self.timeout}"]
-        return []
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with stdout_to_stderr():
+    with stdout_to_stderr(deepspeed=True):
         from zeroforge.pipeline.dist import discover
         from zeroforge.pipeline.results.evaluate import eval_target, evaluate_checkpoint
 

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise ConfigError(f"--out {out} exists and is not an empty directory (pass --overwrite "
                           "to write into it)")
-    with stdout_to_stderr():
+    with stdout_to_stderr(deepspeed=True):
         from zeroforge.pipeline.results.export import export
 
     tag_dir = export(args.checkpoint, out)

@@ -1,4 +1,5 @@
-"""The training sections of a run config: ``train`` (the step loop) and ``checkpoint``."""
+"""The training sections of a run config: ``train`` (the step loop), ``checkpoint`` and
+``dist`` (the process group)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,20 @@ class CheckpointConfig(Section):
 
     def path(self, run_dir: str | Path) -> Path:
         return Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
+
+
+class DistConfig(Section):
+    """The process group (YAML key ``dist``)."""
+
+    KEY: ClassVar[str] = "dist"
+
+    # Seconds a collective waits for the other ranks before the run fails, so a hung or dead
+    # rank ends the job instead of holding every GPU. None: DeepSpeed's default (10 minutes,
+    # or $DEEPSPEED_TIMEOUT minutes). Give slow one-off steps room: a checkpoint save or the
+    # elastic conversion on rank 0 runs while the other ranks wait at a barrier.
+    timeout: float | None = None
+
+    def problems(self) -> list[str]:
+        if self.timeout is not None and not self.timeout > 0:
+            return [f"dist.timeout must be a number of seconds > 0 (or null), got {self.timeout}"]
+        return []

@@ -1,5 +1,5 @@
 """The `zeroforge train` command line: config errors exit 2 naming the key, --print-config,
-`--nproc 2` through the DeepSpeed launcher (a T5 run, which also covers the encoder-decoder
+`--nproc 2` (ranks started directly; a T5 run, which also covers the encoder-decoder
 path), and a relaunch with a changed model refused instead of silently starting over."""
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ def test_config_errors_exit_2_naming_the_key(override, expected):
     p = _zeroforge("train", "--config", "gpt2-tiny-cpu", override)
     assert p.returncode == EXIT_CONFIG
     assert expected in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("launcher", ["zeroforge", "deepspeed"])
+def test_bad_config_with_nproc_2_is_reported_once(launcher):
+    # The ranks start while this process checks the config; a bad one stops them at once.
+    p = _zeroforge("train", "--config", "gpt2-tiny-cpu", "--nproc", "2", "--launcher", launcher,
+                   "train.seed=abc")
+    assert p.returncode == EXIT_CONFIG, p.stderr[-3000:]
+    assert p.stderr.count("train.seed: expected an integer, got str 'abc'") == 1, p.stderr
     assert "Traceback" not in p.stderr
 
 
