@@ -22,6 +22,10 @@ class _ConfigBase:
     """Shared helpers: dict round-trip, presets and collected validation."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Fields that change how the model trains but not its weights: a resume (and init_from)
+    # may set them differently from the checkpoint, e.g. activation checkpointing on fewer GPUs.
+    WEIGHT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
+        {"dropout", "activation_checkpointing", "init_std"})
 
     def _problems(self) -> list[str]:  # overridden by subclasses
         return []

@@ -163,8 +163,10 @@ def _gpt2_loop(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: in
                ) -> list[list[int]]:
     cfg = model.config
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.n_positions:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
+    # The last new token is sampled, never fed back: the model sees at most
+    # longest + max_new_tokens - 1 positions.
+    if longest + max_new_tokens - 1 > cfg.n_positions:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) - 1 exceeds "
                          f"n_positions={cfg.n_positions}")
     pad_id = finish.eos_id if finish.eos_id is not None else 0  # any id: pads are masked out
     ids, mask = pad_batch(prompts, pad_id, left=True, device=device)  # (B, L)

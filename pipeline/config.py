@@ -38,7 +38,7 @@ from zeroforge.pipeline.registry import ModelConfig
 from zeroforge.pipeline.results.eval_config import EvalConfig
 from zeroforge.pipeline.section import Section
 from zeroforge.pipeline.tracking.base import TrackingConfig
-from zeroforge.pipeline.training.config import CheckpointConfig, TrainConfig
+from zeroforge.pipeline.training.config import CheckpointConfig, DistConfig, TrainConfig
 from zeroforge.pipeline.training.ds_config import Device, merge_ds_config
 from zeroforge.pipeline.training.optim import OptimConfig
 
@@ -96,6 +96,7 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.model_dump(exclude={"model"}), "model": self.model.to_dict()}
@@ -225,7 +226,8 @@ def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
 
 def _value_problems(cfg: RunConfig) -> list[str]:
     p: list[str] = []
-    for section in (cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.tracking, cfg.eval):
+    for section in (cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.tracking, cfg.eval,
+                    cfg.dist):
         p += section.problems()
     if not cfg.run_dir:
         p.append("run_dir must be a directory path")
@@ -240,7 +242,23 @@ def _value_problems(cfg: RunConfig) -> list[str]:
         registry.task_name(cfg.model.family, cfg.task)
     except ConfigError as e:
         p.append(str(e))
+    if not p:
+        p += _layout_problems(cfg)
     return p
+
+
+def _layout_problems(cfg: RunConfig) -> list[str]:
+    """The task's windows against the model (e.g. ``data.seq_len`` past the context), found
+    before any rank starts rather than inside the first forward."""
+    try:
+        model_config = cfg.build_model_config()
+    except (TypeError, ValueError):  # no model fields at all: setup reports it
+        return []
+    try:
+        task = registry.make_task(cfg.task_name, cfg.data, model_config)
+    except ConfigError as e:
+        return [str(e)]
+    return registry.input_problems(model_config, task.layout)
 
 
 def build_run_config(data: dict[str, Any]) -> RunConfig:

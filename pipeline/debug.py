@@ -7,6 +7,8 @@ The variables are a contract (docs/training.md); keep their names and meanings.
                                          logged (and checkpointed if due)
     ZEROFORGE_DEBUG_KILL_IN_SAVE=8       rank 0 SIGKILLs its process group after checkpoint 8's
                                          shards are written, before the commit
+    ZEROFORGE_DEBUG_HANG_AT_STEP=5       the last rank hangs before step 5's boundary
+                                         collective, waiting for a message that never comes
     ZEROFORGE_DEBUG_CHECKSUM=1           metrics.jsonl gets every rank's parameter checksum
     ZEROFORGE_DEBUG_SAMPLE_IDS=1         metrics.jsonl gets the sample ids consumed since the
                                          previous line (all ranks)
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +35,7 @@ log = logging.getLogger("zeroforge.debug")
 NAN_STEPS = "ZEROFORGE_DEBUG_NAN_STEPS"
 KILL_AFTER_STEP = "ZEROFORGE_DEBUG_KILL_AFTER_STEP"
 KILL_IN_SAVE = "ZEROFORGE_DEBUG_KILL_IN_SAVE"
+HANG_AT_STEP = "ZEROFORGE_DEBUG_HANG_AT_STEP"
 CHECKSUM = "ZEROFORGE_DEBUG_CHECKSUM"
 SAMPLE_IDS = "ZEROFORGE_DEBUG_SAMPLE_IDS"
 
@@ -60,6 +64,18 @@ def kill_after_step(step: int, rank: int) -> None:
 def kill_in_save(step: int, rank: int) -> None:
     if rank == 0 and step in _steps(KILL_IN_SAVE):
         _kill_group(KILL_IN_SAVE, step)
+
+
+def hang_before_boundary(step: int, rank: int, world_size: int) -> None:
+    """The last rank hangs as a desynchronised rank does: it waits for a message from rank 0
+    that never comes, while the other ranks wait in the step's collective. Only
+    ``dist.timeout`` ends either wait."""
+    if rank == world_size - 1 and step in _steps(HANG_AT_STEP):
+        log.warning("debug: %s=%d, rank %d hangs", HANG_AT_STEP, step, rank)
+        if world_size > 1:
+            dist.recv(torch.zeros(1), src=0)
+        while True:  # a lone rank has no one to wait for
+            time.sleep(3600)
 
 
 class SampleIdRecorder:

@@ -11,7 +11,8 @@ else.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,16 @@ class Family:
     flops_per_example: Callable[[Any, Layout], float]
     special_ids: Callable[[Any], SpecialIds]
     lm: LMForm  # downstream evaluation (lm-evaluation-harness)
-    # Longest prompt + generation the model takes (decoder-only context), None: no such limit.
-    context_length: Callable[[Any], int | None] = lambda cfg: None
+    # The config field bounding the input length, prompt + generation included (learnt
+    # position embeddings); None: no bound (the encoder-decoder's relative positions).
+    context_field: str | None = None
 
     def build(self, config: ModelConfig) -> torch.nn.Module:
         return self.model_cls(config)
+
+    def context_length(self, config: ModelConfig) -> int | None:
+        """Longest input the model takes (decoder-only context), None: no such limit."""
+        return getattr(config, self.context_field) if self.context_field else None
 
 
 def _gpt2_flops(cfg: GPT2Config, layout: Layout) -> float:
@@ -109,7 +115,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", GPT2Config, GPT2, ("gpt", "sft"), "gpt2", generate_gpt2,
                    save_gpt2_hf, load_gpt2_hf, _gpt2_flops, _gpt2_special,
                    LMForm("causal", score_gpt2, _gpt2_context, True),
-                   context_length=_gpt2_context),
+                   context_field="n_positions"),
     "encdec": Family("encdec", EncDecConfig, EncoderDecoder, ("t5", "seq2seq"), "t5",
                      generate_encdec, save_encdec_hf, load_encdec_hf, _encdec_flops,
                      _encdec_special,
@@ -132,6 +138,43 @@ def family_of(config: ModelConfig) -> Family:
         if type(config) is fam.config_cls:
             return fam
     raise TypeError(f"no model family has config class {type(config).__name__}")
+
+
+def family_with_fields(names: Iterable[str]) -> Family | None:
+    """The family whose config class has exactly the fields ``names`` (for checkpoints that
+    predate recording their family)."""
+    names = set(names)
+    for fam in FAMILIES.values():
+        if {f.name for f in dataclasses.fields(fam.config_cls)} == names:
+            return fam
+    return None
+
+
+def model_changes(saved_family: str | None, saved: dict[str, Any], config: ModelConfig
+                  ) -> list[str]:
+    """What differs between a saved model and ``config`` in a way that changes the weights:
+    the family, else every field but the config class's ``WEIGHT_NEUTRAL`` ones, each as
+    ``model.<field>: old -> new``."""
+    family = family_of(config)
+    if saved_family is None:
+        found = family_with_fields(saved)
+        saved_family = found.name if found is not None else None
+    if saved_family != family.name:
+        return [f"model.family: {saved_family!r} -> {family.name!r}"]
+    current = config.to_dict()
+    return [f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current))
+            if k not in type(config).WEIGHT_NEUTRAL and saved.get(k) != current.get(k)]
+
+
+def input_problems(config: ModelConfig, layout: Layout) -> list[str]:
+    """Task inputs longer than the model can take (``data.seq_len`` against the context)."""
+    family = family_of(config)
+    field, limit = family.context_field, family.context_length(config)
+    if limit is not None and layout.input_len > limit:
+        return [f"data.seq_len: inputs of {layout.input_len} tokens are longer than the model's "
+                f"context, model.{field}={limit}; lower data.seq_len or raise model.{field}"]
+    return []
 
 
 def family_of_hf(model_type: str | None, where: str) -> Family:

@@ -15,10 +15,17 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
+def stdout_to_stderr(deepspeed: bool = False) -> Iterator[None]:
     """Imports made inside go to stderr with anything they print, and DeepSpeed's logger (which
-    writes to stdout) is pointed at stderr: stdout stays for the command's results."""
+    writes to stdout) is pointed at stderr: stdout stays for the command's results.
+
+    ``deepspeed``: import DeepSpeed first, without the optional imports of features zeroforge
+    never uses (pipeline/lean_imports.py: seconds per process)."""
     with contextlib.redirect_stdout(sys.stderr):
+        if deepspeed:
+            from zeroforge.pipeline.lean_imports import import_deepspeed
+
+            import_deepspeed()
         yield
     for handler in logging.getLogger("DeepSpeed").handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:

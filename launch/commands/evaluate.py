@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return _run_harness(args)
-    with stdout_to_stderr():
+    with stdout_to_stderr(deepspeed=True):
         from zeroforge.pipeline.dist import discover
         from zeroforge.pipeline.results.evaluate import eval_target, evaluate_checkpoint
         from zeroforge.pipeline.results.generations import generate_held_out

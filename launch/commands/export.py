@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                           "to write into it)")
     if args.register is not None and not args.register.strip():
         raise ConfigError("--register: give a model name")
-    with stdout_to_stderr():
+    with stdout_to_stderr(deepspeed=True):
         from zeroforge.pipeline.results.export import Registration, export
 
     # Checked first: a registration that cannot happen must not leave an export behind.

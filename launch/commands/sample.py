@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     problems = _problems(args)
     if problems:
         raise ConfigError("; ".join(problems))
-    with stdout_to_stderr():
+    with stdout_to_stderr(deepspeed=True):
         from zeroforge.model import Sampling
         from zeroforge.pipeline.results.sample import sample
 

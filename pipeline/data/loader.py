@@ -52,6 +52,7 @@ class TrainLoader:
         world: int,
         seed: int,
         state: dict | None = None,
+        pin_memory: bool = False,
     ):
         if micro_batch < 1 or grad_accum < 1 or world < 1 or not 0 <= rank < world:
             raise ConfigError(
@@ -63,6 +64,8 @@ class TrainLoader:
         self.cfg, self.task, self.seed = cfg, task, seed
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.rank, self.world = rank, world
+        # CUDA: batches in page-locked memory, so the step copies them without waiting.
+        self.pin_memory = pin_memory
         self.global_batch = micro_batch * grad_accum * world
         ex = self.windows
         for i, n in enumerate(ex.counts):
@@ -139,7 +142,8 @@ class TrainLoader:
     def _make(self, step: int, micro: int) -> dict:
         g = self._micro_ids(step, micro)
         store, _, window = self.order.locate(g)
-        return self.task.batch(self.windows.windows(store, window), g, self.seed, TRAIN_STREAM)
+        batch = self.task.batch(self.windows.windows(store, window), g, self.seed, TRAIN_STREAM)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     def step_windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(store, window) of every sample this rank reads at global step ``step`` (counted

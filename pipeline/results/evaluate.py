@@ -96,7 +96,7 @@ def evaluate_checkpoint(cfg: RunConfig, tag_dir: Path, split: str = "val") -> di
     if d.world_size == 1:
         model, task, step, device = _load_single(cfg, tag_dir)
     else:
-        device = init_distributed(d)
+        device = init_distributed(d, cfg.dist.timeout)
         model, task, step = _load_on_ranks(cfg, d, tag_dir)
     batches = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size, split)
     result = evaluate(model, batches, task, device)
@@ -108,11 +108,11 @@ def evaluate_checkpoint(cfg: RunConfig, tag_dir: Path, split: str = "val") -> di
 def _load_single(cfg: RunConfig, tag_dir: Path) -> tuple[Any, Task, int, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, info = load_model(tag_dir, device)
-    wanted = cfg.build_model_config().to_dict()
-    if info.model_config.to_dict() != wanted:
-        changed = sorted(k for k in wanted if info.model_config.to_dict().get(k) != wanted[k])
+    changes = registry.model_changes(info.family.name, info.model_config.to_dict(),
+                                     cfg.build_model_config())
+    if changes:
         raise CheckpointError(f"{tag_dir}: the checkpoint's model differs from the config's "
-                              f"(model.{', model.'.join(changed)})")
+                              f"({', '.join(changes)})")
     stores = open_stores(cfg.data)
     tokenizer = stores[0].tokenizer
     if info.tokenizer is not None and info.tokenizer != tokenizer:
@@ -129,6 +129,6 @@ def _load_on_ranks(cfg: RunConfig, d: DistEnv, tag_dir: Path) -> tuple[Any, Task
     model = registry.family_of(model_config).build(model_config)
     engine = build_engine(model, cfg.ds_config(d.world_size, detect_device()), cfg.optim)
     client = ckpt.load(engine, tag_dir.parent, tag_dir.name, d.rank, module_only=True)
-    ckpt.check_compatible(client, model_config.to_dict(), fingerprint, str(tag_dir))
+    ckpt.check_compatible(client, model_config, fingerprint, str(tag_dir))
     task = registry.make_task(cfg.task_name, cfg.data, model_config, store_examples(stores))
     return engine, task, int(client.get("step", 0))

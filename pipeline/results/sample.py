@@ -3,7 +3,7 @@
 The prompt becomes model input the way the checkpoint's task reads it (pipeline/tasks/): a
 GPT-2 model continues the text; an encoder-decoder trained with span corruption reads it as
 encoder input, ``<extra_id_K>`` standing for sentinel K. Sentinels in the output are printed back
-as ``<extra_id_K>``. The weights are loaded directly (results/weights.py): no launcher, no
+as ``<extra_id_K>``, other ids the tokenizer lacks as ``<unused_id_N>``. The weights are loaded directly (results/weights.py): no launcher, no
 DeepSpeed engine; the tokenizer is the one the checkpoint was trained with.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tiktoken
 from zeroforge.data_prep.tokenize import get_encoding
-from zeroforge.model import Sampling
+from zeroforge.model import Sampling, is_sentinel
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
@@ -33,7 +33,9 @@ class Samples:
 
 
 def decode(ids: list[int], enc: tiktoken.Encoding, model_config: ModelConfig) -> str:
-    """Text of generated ids: stops at EOS; sentinels as ``<extra_id_K>``."""
+    """Text of generated ids: stops at EOS; sentinels as ``<extra_id_K>``; ids the tokenizer
+    does not define and that are no sentinel (a model vocabulary larger than the tokenizer's,
+    or its padding rows) as ``<unused_id_N>``."""
     eos = model_config.eos_token_id
     if eos is not None and eos in ids:
         ids = ids[: ids.index(eos)]
@@ -45,7 +47,10 @@ def decode(ids: list[int], enc: tiktoken.Encoding, model_config: ModelConfig) ->
             continue
         parts.append(enc.decode(run))
         run = []
-        parts.append(f"<extra_id_{t - model_config.vocab_size}>")
+        if is_sentinel(model_config, t):
+            parts.append(f"<extra_id_{t - model_config.vocab_size}>")
+        else:
+            parts.append(f"<unused_id_{t}>")
     parts.append(enc.decode(run))
     return "".join(parts)
 

@@ -9,8 +9,11 @@ all start here. A checkpoint is named by any of
 
 The weights are fp32 whatever the training precision or ZeRO stage: stage 1-3 checkpoints are
 consolidated from the optimizer's fp32 master partitions with DeepSpeed's own
-``zero_to_fp32`` (CPU only, any number of shards; ZeRO-3 keeps no full weights anywhere else),
-stage 0 saves the whole module in ``mp_rank_00_model_states.pt``. The model config, the run
+``zero_to_fp32`` (CPU only, any number of shards; ZeRO-3 keeps no full weights anywhere else).
+Stage 0 saves the whole module and optimizer in ``mp_rank_00_model_states.pt``; in bf16/fp16
+the module is a rounded copy, so the weights come from the optimizer's fp32 masters (per
+parameter group, in ``training.optim.param_groups`` order: flat with DeepSpeed's FusedAdam, one
+tensor per parameter with torch's AdamW), in fp32 from the module itself. The model config, the run
 config and the tokenizer come from the client state that training saves with every checkpoint
 (training/loop.py), so nothing else has to travel with the checkpoint.
 """
@@ -18,7 +21,6 @@ config and the tokenizer come from the client state that training saves with eve
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -34,6 +36,7 @@ from zeroforge.pipeline import registry
 from zeroforge.pipeline.errors import ConfigError, ZeroforgeError
 from zeroforge.pipeline.registry import ModelConfig
 from zeroforge.pipeline.training import checkpoint as ckpt
+from zeroforge.pipeline.training.optim import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,7 @@ class CheckpointError(ZeroforgeError, ValueError):
     """A checkpoint that is missing, uncommitted or unreadable (exit code 1)."""
 # Written by ``zeroforge export`` beside HF's config.json: where the weights came from.
 EXPORT_SOURCE = "zeroforge_source.json"
-# Model-config fields that do not change the parameters' shapes or meaning: a fine-tuning run
-# (``init_from``) may set them differently from the run it starts from.
-_FREE_FIELDS = frozenset({"dropout", "activation_checkpointing", "init_std",
-                          "pad_vocab_to_multiple"})
+
 
 
 @dataclass
@@ -141,9 +141,9 @@ def _family_of(client: dict[str, Any], model_config: dict[str, Any]) -> registry
     name = ((client.get("run_config") or {}).get("model") or {}).get("family")
     if name in registry.FAMILIES:
         return registry.FAMILIES[name]
-    for family in registry.FAMILIES.values():
-        if {f.name for f in dataclasses.fields(family.config_cls)} == set(model_config):
-            return family
+    family = registry.family_with_fields(model_config)
+    if family is not None:
+        return family
     raise ConfigError(f"the checkpoint's model config fits no model family: {sorted(model_config)}")
 
 
@@ -191,9 +191,37 @@ def read_checkpoint(path: str | Path, weights: bool = True
     if info.zero_stage >= 1:
         state = _consolidate(tag_dir)
     else:
-        state = {k: v.float() if v.is_floating_point() else v
-                 for k, v in states["module"].items()}
+        state = _stage0_weights(states, info)
     return info, state
+
+
+def _stage0_weights(states: dict[str, Any], info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of a stage-0 checkpoint (see the module docstring)."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    optimizer = states.get("optimizer") or {}
+    if "fp32_groups_flat" in optimizer:  # FP16_Optimizer (DeepSpeed's FusedAdam)
+        masters = list(optimizer["fp32_groups_flat"])
+    elif "fp32_groups" in optimizer:  # FP16_UnfusedOptimizer (torch's AdamW): one per param
+        masters = [torch.cat([t.reshape(-1) for t in group]) for group in optimizer["fp32_groups"]]
+    else:  # fp32 training: the module holds the weights the optimizer updates
+        return state
+    with torch.device("meta"):  # only the parameters' order and shapes are needed
+        model = info.family.build(info.model_config)
+    groups = [g["params"] for g in param_groups(model, weight_decay=0.0)]
+    sizes = [sum(p.numel() for p in g) for g in groups]
+    if sizes != [flat.numel() for flat in masters]:
+        raise CheckpointError(f"{info.tag_dir}: the optimizer's fp32 master weights "
+                              f"({[flat.numel() for flat in masters]} values per group) do not "
+                              f"fit the model ({sizes})")
+    master_of: dict[int, torch.Tensor] = {}
+    for params, flat in zip(groups, masters, strict=True):
+        for p, value in zip(params, flat.float().split([p.numel() for p in params]),
+                            strict=True):
+            master_of[id(p)] = value.view(p.shape)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in master_of:  # tied parameters appear under each of their names
+            state[name] = master_of[id(tensor)].clone()
+    return state
 
 
 def load_model(path: str | Path, device: str = "cpu"
@@ -263,6 +291,8 @@ def init_from(model: torch.nn.Module, source: str | Path, store_tokenizer: str) 
         raise ConfigError(f"init_from: {e}") from None
     ours = model.config.to_dict()  # type: ignore[union-attr]
     theirs = src_config.to_dict()
+    # Fields that leave the weights alone may differ, and vocabulary padding is re-done below.
+    free = type(src_config).WEIGHT_NEUTRAL | {"pad_vocab_to_multiple"}
     problems = []
     if type(src_config) is not type(model.config):
         problems.append(f"{source} holds a {type(src_config).__name__} model, the run "
@@ -270,7 +300,7 @@ def init_from(model: torch.nn.Module, source: str | Path, store_tokenizer: str) 
     else:
         problems += [f"model.{k}: {theirs.get(k)!r} in {source}, {ours.get(k)!r} here"
                      for k in sorted(set(ours) | set(theirs))
-                     if k not in _FREE_FIELDS and ours.get(k) != theirs.get(k)]
+                     if k not in free and ours.get(k) != theirs.get(k)]
     if tokenizer is not None and tokenizer != store_tokenizer:
         problems.append(f"{source} was trained with tokenizer {tokenizer!r}, the token store "
                         f"uses {store_tokenizer!r}")

@@ -29,6 +29,13 @@ from zeroforge.pipeline.data.config import DataConfig
 IGNORE_INDEX = -100  # label value that carries no loss (the models' cross-entropy ignores it)
 
 
+def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """A batch tensor on the model's device, queued without waiting for the device: the loader
+    pins training batches on CUDA, so the copy overlaps the work already queued (a blocking
+    copy would make the host wait for it, a sync per micro-batch)."""
+    return tensor.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class SpecialIds:
     """The model's special token ids that tasks need (from the family, pipeline/registry.py)."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import tiktoken
 import torch
-from zeroforge.pipeline.tasks.base import Layout, Task
+from zeroforge.pipeline.tasks.base import Layout, Task, to_device
 
 
 def document_ids(inputs: np.ndarray, eot: int) -> np.ndarray:
@@ -49,9 +49,9 @@ class NextToken(Task):
     def logits_and_labels(self, model: Any, batch: dict[str, torch.Tensor], device: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         seg = batch.get("segment_ids")
-        logits = model(batch["input_ids"].to(device),
-                       segment_ids=None if seg is None else seg.to(device))
-        return logits, batch["targets"].to(device)
+        logits = model(to_device(batch["input_ids"], device),
+                       segment_ids=None if seg is None else to_device(seg, device))
+        return logits, to_device(batch["targets"], device)
 
     def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["targets"].numel()  # every target carries loss

@@ -21,7 +21,7 @@ import torch
 from zeroforge.data_prep.store import SplitReader
 from zeroforge.pipeline.data.examples import Example, PairUnits
 from zeroforge.pipeline.errors import ConfigError
-from zeroforge.pipeline.tasks.base import IGNORE_INDEX, Layout, Task, Units
+from zeroforge.pipeline.tasks.base import IGNORE_INDEX, Layout, Task, Units, to_device
 
 
 def split_pair(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,11 +80,11 @@ class SequenceToSequence(Task):
 
     def logits_and_labels(self, model: Any, batch: dict[str, torch.Tensor], device: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["input_ids"].to(device),
-                       decoder_input_ids=batch["decoder_input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device),
-                       decoder_attention_mask=batch["decoder_attention_mask"].to(device))
-        return logits, batch["labels"].to(device)
+        logits = model(to_device(batch["input_ids"], device),
+                       decoder_input_ids=to_device(batch["decoder_input_ids"], device),
+                       attention_mask=to_device(batch["attention_mask"], device),
+                       decoder_attention_mask=to_device(batch["decoder_attention_mask"], device))
+        return logits, to_device(batch["labels"], device)
 
     def order_identity(self) -> dict[str, Any]:
         return {"examples": self.examples, "target_len": self.data.target_len}

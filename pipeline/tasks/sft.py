@@ -26,7 +26,7 @@ import torch
 from zeroforge.data_prep.examples import Template
 from zeroforge.data_prep.store import SplitReader
 from zeroforge.pipeline.data.examples import Example, PackedUnits
-from zeroforge.pipeline.tasks.base import IGNORE_INDEX, Layout, Task, Units
+from zeroforge.pipeline.tasks.base import IGNORE_INDEX, Layout, Task, Units, to_device
 
 PAD_SEGMENT = -1  # the padding after a window's last example: a segment of its own
 
@@ -76,9 +76,9 @@ class SupervisedFineTuning(Task):
 
     def logits_and_labels(self, model: Any, batch: dict[str, torch.Tensor], device: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["input_ids"].to(device),
-                       segment_ids=batch["segment_ids"].to(device))
-        return logits, batch["labels"].to(device)
+        logits = model(to_device(batch["input_ids"], device),
+                       segment_ids=to_device(batch["segment_ids"], device))
+        return logits, to_device(batch["labels"], device)
 
     def order_identity(self) -> dict[str, Any]:
         return {"examples": self.examples}

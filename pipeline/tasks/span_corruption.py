@@ -34,7 +34,7 @@ import numpy as np
 import tiktoken
 import torch
 from zeroforge.pipeline.errors import ConfigError
-from zeroforge.pipeline.tasks.base import Layout, Task
+from zeroforge.pipeline.tasks.base import Layout, Task, to_device
 
 _U64 = (1 << 64) - 1
 
@@ -183,9 +183,9 @@ class SpanCorruption(Task):
 
     def logits_and_labels(self, model: Any, batch: dict[str, torch.Tensor], device: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(batch["input_ids"].to(device),
-                       decoder_input_ids=batch["decoder_input_ids"].to(device))
-        return logits, batch["labels"].to(device)
+        logits = model(to_device(batch["input_ids"], device),
+                       decoder_input_ids=to_device(batch["decoder_input_ids"], device))
+        return logits, to_device(batch["labels"], device)
 
     def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         # Every label carries loss, pads included when the pad id is EOT (docs/data-loading.md).

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from zeroforge.data_prep import atomic
-from zeroforge.pipeline import debug
+from zeroforge.pipeline import debug, registry
 from zeroforge.pipeline.errors import RunError
+from zeroforge.pipeline.registry import ModelConfig
 from zeroforge.pipeline.training.process import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
         marker = {"step": step, "time": time.time(), "format_version": FORMAT_VERSION,
                   "config_hash": client_state.get("config_hash"),
                   "store_fingerprint": client_state.get("store_fingerprint"),
+                  "model_family": client_state.get("model_family"),
                   "model_config": client_state.get("model_config"),
                   # The layout an elastic resume must adapt to (pipeline/elastic.py).
                   "world_size": engine.dp_world_size, "global_batch": engine.train_batch_size()}
@@ -138,20 +140,19 @@ class ResumeError(RunError):
     """A committed checkpoint exists but must not or cannot be resumed from (exit code 1)."""
 
 
-def check_compatible(saved: dict[str, Any], model_config: dict[str, Any], fingerprint: str,
+def check_compatible(saved: dict[str, Any], model_config: ModelConfig, fingerprint: str,
                      where: str) -> None:
-    """Refuse a checkpoint written for a different model config or token store."""
+    """Refuse a checkpoint (its marker or client state, ``saved``) written for another model
+    family, a model with other weights, or another token store. Fields that leave the weights
+    alone (``WEIGHT_NEUTRAL``: dropout, activation checkpointing, ...) may change."""
     problems = []
     if saved.get("format_version") != FORMAT_VERSION:
         problems.append(f"checkpoint format {saved.get('format_version')!r} is not "
                         f"{FORMAT_VERSION}")
-    old_model = saved.get("model_config")
-    if old_model != model_config:
-        changed = sorted(k for k in set(old_model or {}) | set(model_config)
-                         if (old_model or {}).get(k) != model_config.get(k))
-        problems.append("the model config changed (" + ", ".join(
-            f"model.{k}: {(old_model or {}).get(k)!r} -> {model_config.get(k)!r}"
-            for k in changed) + ")")
+    changes = registry.model_changes(saved.get("model_family"), saved.get("model_config") or {},
+                                     model_config)
+    if changes:
+        problems.append("the model changed (" + ", ".join(changes) + ")")
     if saved.get("store_fingerprint") != fingerprint:
         problems.append(f"the token store changed (fingerprint {saved.get('store_fingerprint')}"
                         f" -> {fingerprint})")

@@ -8,8 +8,9 @@ place:
     gradient_accumulation_steps      train.grad_accum
     train_batch_size                 micro * accum * world size
     gradient_clipping                optim.grad_clip
-    optimizer                        AdamW from optim.* (torch AdamW on CPU without offload,
-                                     DeepSpeedCPUAdam with offload, FusedAdam on GPU)
+    optimizer                        AdamW from optim.*: torch's AdamW (fused on GPU: one
+                                     kernel over all parameters), DeepSpeedCPUAdam with
+                                     optimizer offload
     scheduler                        removed: zeroforge sets the lr every step (training/optim.py)
     bf16.enabled / fp16.enabled      train.precision
 
@@ -127,7 +128,7 @@ def merge_ds_config(path: Path, overrides: dict[str, Any], train: TrainConfig, o
     ds["train_batch_size"] = train.micro_batch_size * train.grad_accum * world_size
     ds["gradient_clipping"] = optim.grad_clip
     offload = _get(ds, ("zero_optimization", "offload_optimizer", "device")) not in (None, "none")
-    ds["optimizer"] = _optimizer_section(optim, torch_adam=device.cpu and not offload)
+    ds["optimizer"] = _optimizer_section(optim, offload=offload, gpu=not device.cpu)
     ds.pop("scheduler", None)
     precision = resolve_precision(train.precision, device)
     ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
@@ -140,12 +141,17 @@ def merge_ds_config(path: Path, overrides: dict[str, Any], train: TrainConfig, o
     return ds
 
 
-def _optimizer_section(optim: OptimConfig, torch_adam: bool) -> dict[str, Any]:
+def _optimizer_section(optim: OptimConfig, offload: bool, gpu: bool) -> dict[str, Any]:
     params: dict[str, Any] = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                               "weight_decay": optim.weight_decay}
-    if torch_adam:
-        # DeepSpeed's FusedAdam needs a GPU; on CPU without offload use torch's AdamW.
+    if not offload:
+        # torch's AdamW, which DeepSpeed builds from "torch_adam" and hands the other params.
+        # On a GPU its fused kernel updates every parameter (ZeRO: every flat partition) in
+        # one launch and needs no build step, where DeepSpeed's FusedAdam is a JIT-compiled op
+        # (nvcc, a minute on the first run). With offload, DeepSpeedCPUAdam runs on the host.
         params["torch_adam"] = True
+        if gpu:
+            params["fused"] = True
     return {"type": "AdamW", "params": params}
 
 

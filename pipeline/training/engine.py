@@ -17,6 +17,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from zeroforge.pipeline.errors import RunError
+from zeroforge.pipeline.lean_imports import without_muon
 from zeroforge.pipeline.training.ds_config import Device
 from zeroforge.pipeline.training.optim import OptimConfig, param_groups
 
@@ -43,6 +44,7 @@ def build_engine(model: torch.nn.Module, ds: dict[str, Any], optim: OptimConfig,
                  compile_model: bool = False) -> Any:
     """``deepspeed.initialize`` with weight-decay param groups; returns the engine."""
     groups = param_groups(model, optim.weight_decay)
+    without_muon()  # ~2 s of start-up for an optimizer zeroforge never builds (lean_imports)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     if compile_model:
         engine.compile()

@@ -12,13 +12,16 @@ import torch.distributed as dist
 from zeroforge.data_prep.tokenize import get_encoding
 from zeroforge.model import Sampling, mfu
 from zeroforge.pipeline import debug
+from zeroforge.pipeline.data.loader import TrainLoader
 from zeroforge.pipeline.dist import PreemptionFlag
 from zeroforge.pipeline.errors import EXIT_OK, EXIT_PREEMPTED
 from zeroforge.pipeline.results.evaluate import evaluate
+from zeroforge.pipeline.results.sample import decode
 from zeroforge.pipeline.training import checkpoint as ckpt
+from zeroforge.pipeline.training.config import TrainConfig
 from zeroforge.pipeline.training.engine import local_params_finite
 from zeroforge.pipeline.training.optim import lr_at, set_lr
-from zeroforge.pipeline.training.state import Run
+from zeroforge.pipeline.training.state import LoopState, Outcome, Run
 from zeroforge.pipeline.training.step import TrainingError, train_step
 
 log = logging.getLogger("zeroforge.train")
@@ -28,37 +31,45 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
     """Train until ``train.max_steps``, early stopping or preemption; returns the exit code
     (raises TrainingError on a step that cannot be recovered)."""
     cfg, state = run.cfg.train, run.state
+    if stop_reason := _patience_spent(run):  # early stopping holds across a restart
+        if run.is_main:
+            run.progress.message(stop_reason)
+        return EXIT_OK
     batches = debug.record_batches(iter(run.loader))
     meter = _Meter(run)
-    saved_step, stop_reason = state.step, None
+    saved_step = state.step
     while state.step < cfg.max_steps:
         lr = lr_at(state.step, run.cfg.optim, cfg.max_steps)
         set_lr(run.engine.optimizer, lr)
-        loss, skipped, stop = train_step(run, batches, preempt)
-        _count_step(run, skipped)
+        result = train_step(run, batches, preempt)
+        _startup_done(run)
+        warning = count_step(state, result.outcome, cfg, run.loader)
+        if warning and run.is_main:
+            log.warning(warning)
         at_end = state.step == cfg.max_steps
         record = None
         if state.step % cfg.log_every == 0 or at_end:
-            record = {"step": state.step, "train/loss": loss, "train/lr": lr, **meter.read(),
-                      "train/samples": state.samples, "train/tokens": state.tokens,
+            record = {"step": state.step, "train/loss": result.loss, "train/lr": lr,
+                      **meter.read(), "train/samples": state.samples, "train/tokens": state.tokens,
                       "train/skipped_steps": state.skipped_steps,
+                      "train/overflow_steps": state.overflow_steps,
                       **debug.step_metrics(run.engine, batches, run.dist.world_size, run.device)}
         due = cfg.eval_every and state.step % cfg.eval_every == 0 or at_end
         if due and run.cfg.data.val_windows > 0:
-            result = run_eval(run)
-            record = (record or {"step": state.step}) | result
-            stop_reason = _early_stopping(run, result["val/loss"], at_end)
+            evaluated = run_eval(run)
+            record = (record or {"step": state.step}) | evaluated
+            stop_reason = _early_stopping(run, evaluated["val/loss"], at_end)
         final = at_end or bool(stop_reason)
         if run.downstream is not None and run.downstream.due(state.step, final):
             record = (record or {"step": state.step}) | run.downstream.evaluate(run.engine)
         if record is not None and run.is_main:
-            _report(run, record, loss, lr)
+            _report(run, record, result.loss, lr)
         every = run.cfg.checkpoint.every
-        if (every and state.step % every == 0) or at_end or stop or stop_reason:
+        if (every and state.step % every == 0) or at_end or result.stop or stop_reason:
             save_checkpoint(run)
             saved_step = state.step
         debug.kill_after_step(state.step, run.dist.rank)
-        if stop:
+        if result.stop:
             if run.is_main:
                 run.progress.message(f"preempted: checkpoint at step {saved_step} saved; "
                                      f"exiting with {EXIT_PREEMPTED}")
@@ -71,23 +82,45 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
     return EXIT_OK
 
 
-def _count_step(run: Run, skipped: bool) -> None:
-    state, limit = run.state, run.cfg.train.max_nonfinite_in_a_row
+def count_step(state: LoopState, outcome: Outcome, cfg: TrainConfig, loader: TrainLoader
+               ) -> str | None:
+    """Advance ``state`` by one step of ``outcome``; returns the warning a skipped step gets and
+    raises TrainingError past ``train.max_nonfinite_in_a_row`` / ``max_overflows_in_a_row``.
+
+    Non-finite losses and fp16 loss-scale overflows are counted apart: overflows are how the
+    loss scaler finds its scale (a healthy run has a burst of them at the start), so they
+    neither end nor extend a run of non-finite steps, and they have their own limit."""
     state.step += 1
-    state.samples += run.loader.global_batch
-    state.tokens += run.loader.tokens_per_global_step
-    if not skipped:
-        state.nonfinite_in_a_row = 0
-        return
+    state.samples += loader.global_batch
+    state.tokens += loader.tokens_per_global_step
+    if outcome is Outcome.APPLIED:
+        state.nonfinite_in_a_row = state.overflows_in_a_row = 0
+        return None
     state.skipped_steps += 1
-    state.nonfinite_in_a_row += 1
-    if run.is_main:
-        log.warning("step %d: non-finite loss or gradients on some rank; step skipped "
-                    "(%d in a row, %d in total)", state.step, state.nonfinite_in_a_row,
-                    state.skipped_steps)
-    if state.nonfinite_in_a_row > limit:
-        raise TrainingError(f"step {state.step}: {state.nonfinite_in_a_row} non-finite steps in "
-                            f"a row (more than train.max_nonfinite_in_a_row={limit})")
+    if outcome is Outcome.OVERFLOW:
+        state.overflow_steps += 1
+        state.overflows_in_a_row += 1
+        n, limit = state.overflows_in_a_row, cfg.max_overflows_in_a_row
+        what, key = "fp16 loss-scale overflow", "max_overflows_in_a_row"
+        kind = "fp16 loss-scale overflows"
+    else:
+        state.nonfinite_in_a_row += 1
+        n, limit = state.nonfinite_in_a_row, cfg.max_nonfinite_in_a_row
+        what, key = "non-finite loss or gradients on some rank", "max_nonfinite_in_a_row"
+        kind = "non-finite steps"
+    if n > limit:
+        raise TrainingError(f"step {state.step}: {n} {kind} in a row (more than "
+                            f"train.{key}={limit})")
+    return f"step {state.step}: {what}; step skipped ({n} in a row, {state.skipped_steps} in total)"
+
+
+def _startup_done(run: Run) -> None:
+    """After the first step of this process: rank 0 logs where the time to it went."""
+    if run.startup is not None:
+        run.startup.mark("first step")
+        if run.is_main:
+            log.info(run.startup.line())
+        run.startup = None
 
 
 class _Meter:
@@ -122,10 +155,18 @@ def _early_stopping(run: Run, val_loss: float, at_end: bool) -> str | None:
         state.evals_without_improvement = 0
     else:
         state.evals_without_improvement += 1
+    return None if at_end else _patience_spent(run)
+
+
+def _patience_spent(run: Run) -> str | None:
+    """Why to stop now, when ``train.early_stopping_patience`` evals brought no improvement
+    (checked after each eval, and at the start: a restarted run stops where it stopped)."""
+    cfg, state = run.cfg.train, run.state
     patience = cfg.early_stopping_patience
-    if patience and state.evals_without_improvement >= patience and not at_end:
-        return (f"early stopping at step {state.step}: val/loss did not improve for {patience} "
-                f"evals (best {state.best_val_loss:.4f})")
+    if patience and state.evals_without_improvement >= patience and state.step < cfg.max_steps:
+        return (f"early stopping at step {state.step}: val/loss did not improve for "
+                f"{state.evals_without_improvement} evals (train.early_stopping_patience="
+                f"{patience}; best {state.best_val_loss:.4f})")
     return None
 
 
@@ -142,28 +183,38 @@ def _report(run: Run, record: dict[str, Any], loss: float, lr: float) -> None:
 
 def run_eval(run: Run) -> dict[str, float]:
     result = evaluate(run.engine, run.val, run.task, run.device)
+    step = run.state.step
     if run.is_main:
-        step = run.state.step
         run.tracker.log_metrics(result, step=step)
         run.progress.message(f"eval step {step}: val/loss {result['val/loss']:.4f} "
                              f"val/ppl {result['val/ppl']:.2f}")
-        _log_samples(run, step)
+    _log_samples(run, step)
     return result
 
 
 def _log_samples(run: Run, step: int) -> None:
-    """A few greedy and top-k outputs for fixed prompts (rank 0, ZeRO 0-2)."""
+    """A few greedy and top-k outputs for fixed prompts, logged by rank 0.
+
+    Under ZeRO-3 no rank holds the whole model: every rank generates in lockstep, the module's
+    hooks gathering each layer's parameters from all ranks, as in a training forward. So that
+    every rank runs exactly the same number of forward passes, generation never stops early at
+    EOS (``decode`` cuts the text there); the other stages do the same, and their samples match.
+    """
     cfg = run.cfg.train
-    if (cfg.sample_tokens == 0 or not cfg.sample_prompts
-            or run.engine.zero_optimization_stage() == 3 or run.tracker.run_id is None):
+    gathered = run.engine.zero_optimization_stage() == 3
+    if (cfg.sample_tokens == 0 or not cfg.sample_prompts or run.cfg.tracking.backend == "none"
+            or not (run.is_main or gathered)):
         return
     enc = get_encoding(run.tokenizer)
     prompts = [run.task.prompt_ids(p, enc) for p in cfg.sample_prompts]
-    model = run.engine.module
-    greedy = run.family.generate(model, prompts, cfg.sample_tokens)
-    topk = run.family.generate(model, prompts, cfg.sample_tokens,
-                               Sampling(do_sample=True, top_k=40, seed=step))
-    samples = [{"prompt": p, "greedy": enc.decode(g), "top_k_40": enc.decode(t)}
+    model, n = run.engine.module, cfg.sample_tokens
+    greedy = run.family.generate(model, prompts, n, Sampling(stop_at_eos=False))
+    topk = run.family.generate(model, prompts, n, Sampling(do_sample=True, top_k=40, seed=step,
+                                                           stop_at_eos=False))
+    if not run.is_main:
+        return
+    samples = [{"prompt": p, "greedy": decode(g, enc, run.model_config),
+                "top_k_40": decode(t, enc, run.model_config)}
                for p, g, t in zip(cfg.sample_prompts, greedy, topk, strict=True)]
     run.tracker.log_text(json.dumps(samples, indent=1), f"samples/step_{step:07d}.json")
 
@@ -180,6 +231,7 @@ def save_checkpoint(run: Run) -> None:
         "tracking_run_id": run.tracker.run_id if run.is_main else None,
         "config_hash": run.cfg.config_hash(),
         "store_fingerprint": run.fingerprint,
+        "model_family": run.family.name,
         "model_config": run.model_config.to_dict(),
         "run_config": run.cfg.to_dict(),
         "tokenizer": run.tokenizer,  # so sample/export need not find the token store

@@ -7,17 +7,21 @@ Every launcher starts the same command on every rank (``python -m zeroforge.laun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 
+import torch.distributed as dist
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.dist import PreemptionFlag, discover
-from zeroforge.pipeline.errors import EXIT_OK, ConfigError, ZeroforgeError
+from zeroforge.pipeline.errors import EXIT_OK, ConfigError, RunError, ZeroforgeError
 from zeroforge.pipeline.results.export import export, model_tags
 from zeroforge.pipeline.tracking.tracker import tracking_status
 from zeroforge.pipeline.training.loop import fit
 from zeroforge.pipeline.training.process import init_distributed
 from zeroforge.pipeline.training.setup import setup
+from zeroforge.pipeline.training.startup import StartupClock
 from zeroforge.pipeline.training.state import Run
 
 log = logging.getLogger("zeroforge.train")
@@ -43,20 +47,38 @@ def _register_final_model(run: Run, name: str) -> None:
         log.info("registered %s version %s (step %d, %s)", name, version, info.step, out)
 
 
+@contextlib.contextmanager
+def _timeouts_reported(timeout_s: float | None, rank: int) -> Iterator[None]:
+    """A collective that timed out (gloo: "Timed out waiting ...", NCCL: DistBackendError) as
+    one line that says what happened, instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistBackendError) or "Timed out" in str(e)):
+            raise
+        limit = f"{timeout_s:g} s" if timeout_s is not None else "DeepSpeed's default"
+        raise RunError(f"rank {rank}: a collective waited longer than dist.timeout ({limit}) "
+                       f"for the other ranks; one of them stopped responding "
+                       f"({str(e).splitlines()[0][-120:]})") from e
+
+
 def train(cfg: RunConfig) -> int:
     """Run this process's rank (call once per rank); returns the exit code."""
+    clock = StartupClock()
+    clock.mark("python and imports")
     d = discover()
     _quiet_other_ranks(d.rank)
     preempt = PreemptionFlag().install()
-    device = init_distributed(d)
+    device = init_distributed(d, cfg.dist.timeout)
+    clock.mark("process group")
     try:
-        run = setup(cfg, d, device)
+        run = setup(cfg, d, device, clock)
     except ZeroforgeError:
         raise
     except ValueError as e:  # a bad store, model field or weights file: the input is wrong
         raise ConfigError(str(e)) from None
     try:
-        with tracking_status(run.tracker):
+        with tracking_status(run.tracker), _timeouts_reported(cfg.dist.timeout, d.rank):
             code = fit(run, preempt)
             if code == EXIT_OK and run.is_main and cfg.tracking.register_model:
                 _register_final_model(run, cfg.tracking.register_model)

@@ -100,6 +100,32 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def apply_settings(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> list[str]:
+    """Set ``optim.weight_decay`` (decay group only), ``betas`` and ``eps`` on every param group.
+
+    Loading a checkpoint restores the saved groups' values, whatever the run config says now;
+    resume calls this afterwards so the run trains with its configured values. Returns one
+    ``optim.<key>: old -> new`` line per value that changed (empty when none did).
+    """
+    changes: dict[str, str] = {}
+    for group in optimizer.param_groups:
+        if group.get("name") not in ("decay", "no_decay"):
+            raise RuntimeError(f"optimizer param group {group.get('name')!r} is not one of "
+                               "param_groups()'s")
+        wanted = {"weight_decay": cfg.weight_decay if group["name"] == "decay" else 0.0,
+                  "betas": tuple(cfg.betas), "eps": cfg.eps}
+        for key, value in wanted.items():
+            old = tuple(group[key]) if key == "betas" else group[key]
+            if old != value:
+                changes.setdefault(key, f"optim.{key}: {_show(old)} -> {_show(value)}")
+            group[key] = value
+    return list(changes.values())
+
+
+def _show(value: object) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every param group's lr (DeepSpeed's ZeRO optimizers expose the inner groups)."""
     for group in optimizer.param_groups:

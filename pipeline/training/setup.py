@@ -3,6 +3,7 @@ committed checkpoint (or ``init_from`` weights for a fresh run)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -34,15 +35,32 @@ from zeroforge.pipeline.training.engine import (
     detect_device,
     require_tested_deepspeed,
 )
-from zeroforge.pipeline.training.process import seed_everything
+from zeroforge.pipeline.training.optim import apply_settings
+from zeroforge.pipeline.training.process import seed_everything, use_deterministic_kernels
+from zeroforge.pipeline.training.startup import StartupClock
 from zeroforge.pipeline.training.state import LoopState, Run
 
 log = logging.getLogger("zeroforge.train")
 
 
-def store_info(stores: list[TokenStore]) -> tuple[str, int, str]:
-    """(fingerprint, vocabulary size, tokenizer) of a run's stores."""
-    return store_fingerprint(stores), stores[0].vocab_size, stores[0].tokenizer
+def store_info(stores: list[TokenStore]) -> tuple[str, int, str, int]:
+    """(fingerprint, vocabulary size, tokenizer, end-of-text id) of a run's stores."""
+    first = stores[0]
+    return store_fingerprint(stores), first.vocab_size, first.tokenizer, first.eot_id
+
+
+def check_fits_store(model_config: registry.ModelConfig, vocab: int, tokenizer: str, eot: int
+                     ) -> None:
+    """Refuse a model that cannot read the store's tokens or would misread its document ends."""
+    if model_config.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
+                          f"token store's vocabulary ({vocab}, tokenizer {tokenizer})")
+    special = registry.family_of(model_config).special_ids(model_config)
+    for key, value in (("eos_token_id", special.eos), ("pad_token_id", special.pad)):
+        if value is not None and value != eot:
+            raise ConfigError(f"model.{key}={value} is not the token store's end-of-text id "
+                              f"{eot} (tokenizer {tokenizer}), which ends every document; set "
+                              f"model.{key}={eot}")
 
 
 def _all_gather_strings(value: str, world: int) -> list[str]:
@@ -51,36 +69,43 @@ def _all_gather_strings(value: str, world: int) -> list[str]:
     return [str(x) for x in out]
 
 
-def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
-    """Build model, engine, data and tracker; resume from the newest committed checkpoint."""
+def setup(cfg: RunConfig, d: DistEnv, device: str, clock: StartupClock | None = None) -> Run:
+    """Build model, engine, data and tracker; resume from the newest committed checkpoint.
+    ``clock`` (main.train's) records how long each part takes."""
+    mark = functools.partial(StartupClock.mark_on, clock)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = cfg.checkpoint.path(run_dir)
     stores = open_stores(cfg.data)
-    fingerprint, vocab, tokenizer = store_info(stores)
+    fingerprint, vocab, tokenizer, eot = store_info(stores)
     model_config = cfg.build_model_config()
-    if model_config.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
-                          f"token store's vocabulary ({vocab}, tokenizer {tokenizer})")
+    check_fits_store(model_config, vocab, tokenizer, eot)
     # A checkpoint from another world size: keep its global batch, load it re-partitioned.
     plan = plan_resume(ckpt_dir, cfg.train.micro_batch_size, cfg.train.grad_accum,
                        d.world_size, d.rank)
     cfg = plan.run_config(cfg)
     ds = plan.ds_config(cfg.ds_config(d.world_size, detect_device()))
     family = registry.family_of(model_config)
+    use_deterministic_kernels(cfg.train.deterministic, cfg.train.compile, device)
     latest = ckpt.latest_committed(ckpt_dir)
+    mark("stores and config")
     engine, n_params = _build(cfg, d, ds, family, model_config, tokenizer,
                               fresh=latest is None)
-    state, client = LoopState(), {}
+    mark("model and engine")
+    state, client, optim_changes = LoopState(), {}, []
     if latest is not None:
-        state, client = _resume(cfg, d, engine, plan, ckpt_dir, latest, model_config, fingerprint)
+        state, client, optim_changes = _resume(cfg, d, engine, plan, ckpt_dir, latest,
+                                               model_config, fingerprint)
     elif d.rank == 0 and (partial := ckpt.partial(ckpt_dir)):
         log.warning("ignoring incomplete checkpoint(s) %s; starting from step 0",
                     [t for _, t in partial])
+    mark("resume")
 
     task = registry.make_task(cfg.task_name, cfg.data, model_config, store_examples(stores))
     loader = TrainLoader(task, cfg.train.micro_batch_size, cfg.train.grad_accum, d.rank,
-                         d.world_size, cfg.train.seed, state=client.get("data"))
+                         d.world_size, cfg.train.seed, state=client.get("data"),
+                         pin_memory=device.startswith("cuda"))
     val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
+    mark("data")
     hostnames = _all_gather_strings(socket.gethostname(), d.world_size)
     summary = run_summary(
         recipe=cfg.recipe, family=cfg.model.family, preset=cfg.model.preset, task=task.name,
@@ -95,9 +120,14 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
               val=val, tracker=tracker, state=state, fingerprint=fingerprint, n_params=n_params,
               flops_per_step=family.flops_per_example(model_config, task.layout)
               * loader.global_batch, tokenizer=tokenizer,
-              downstream=make_downstream(cfg.eval, family, model_config, tokenizer, d.rank))
+              downstream=make_downstream(cfg.eval, family, model_config, tokenizer, d.rank),
+              startup=clock)
     if run.is_main:
         _start_reporting(run)
+        if optim_changes:  # MLflow params keep their first values: the tag says what changed
+            run.tracker.set_tags({f"zeroforge.optim_changed_at_step_{state.step}":
+                                  "; ".join(optim_changes)})
+    mark("tracker")
     return run
 
 
@@ -125,22 +155,28 @@ def _build(cfg: RunConfig, d: DistEnv, ds: dict[str, Any], family: registry.Fami
 
 def _resume(cfg: RunConfig, d: DistEnv, engine: Any, plan: ResumePlan, ckpt_dir: Path,
             latest: tuple[int, str], model_config: registry.ModelConfig, fingerprint: str
-            ) -> tuple[LoopState, dict[str, Any]]:
-    """Load the newest committed checkpoint; returns the loop state and the client state."""
+            ) -> tuple[LoopState, dict[str, Any], list[str]]:
+    """Load the newest committed checkpoint; returns the loop state, the client state and the
+    AdamW settings that differ from the checkpoint's (now set to the configured values)."""
     step, tag = latest
     if d.rank == 0:
         log.info("resuming from %s", ckpt_dir / tag)
     # Refuse a different model or store before DeepSpeed tries (and fails) to load it.
-    ckpt.check_compatible(ckpt.read_marker(ckpt_dir, tag), model_config.to_dict(), fingerprint,
+    ckpt.check_compatible(ckpt.read_marker(ckpt_dir, tag), model_config, fingerprint,
                           str(ckpt_dir / tag))
     client = plan.load(engine, ckpt_dir, tag, d.rank)
     state = LoopState.from_dict(client.get("loop", {}))
     if state.step != step:
         raise ckpt.ResumeError(f"{ckpt_dir / tag}: client state says step {state.step}")
-    if client.get("config_hash") != cfg.config_hash() and d.rank == 0:
-        log.warning("the run config changed since the checkpoint (model and data did not); "
-                    "continuing with the new config")
-    return state, client
+    # The load restored the saved AdamW settings; train with the configured ones.
+    changes = apply_settings(engine.optimizer, cfg.optim)
+    if d.rank == 0 and client.get("config_hash") != cfg.config_hash():
+        log.warning("the run config changed since the checkpoint (the model's weights and the "
+                    "data did not); continuing with the new config")
+    if d.rank == 0 and changes:
+        log.warning("AdamW settings changed on resume, in effect from step %d: %s", step + 1,
+                    "; ".join(changes))
+    return state, client, changes
 
 
 def _start_reporting(run: Run) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,15 @@ from zeroforge.pipeline.tracking.base import Tracker
 from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.progress import Progress
 from zeroforge.pipeline.training.downstream import Downstream
+from zeroforge.pipeline.training.startup import StartupClock
+
+
+class Outcome(Enum):
+    """What one optimizer step did (training/step.py decides, training/loop.py counts)."""
+
+    APPLIED = "applied"
+    NONFINITE = "nonfinite"  # a non-finite loss or gradient on some rank: skipped
+    OVERFLOW = "overflow"  # fp16: the loss scaler found overflowing gradients, lowered the scale
 
 
 @dataclass
@@ -26,8 +36,10 @@ class LoopState:
     step: int = 0  # optimizer steps done (skipped ones included)
     samples: int = 0
     tokens: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # steps without an update, of either kind below
     nonfinite_in_a_row: int = 0
+    overflow_steps: int = 0  # fp16 loss-scale overflows (counted in skipped_steps too)
+    overflows_in_a_row: int = 0
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0
 
@@ -65,6 +77,7 @@ class Run:
     metrics: MetricsWriter | None = None  # rank 0 only
     progress: Progress | None = None  # rank 0 only
     downstream: Downstream | None = None  # eval.harness_tasks (training/downstream.py)
+    startup: StartupClock | None = None  # until the first step has been timed
 
     @property
     def is_main(self) -> bool:

@@ -8,6 +8,7 @@ startup on 2 cores, so tests share runs through module-scoped fixtures.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 TINY_CONFIG = str(REPO / "configs" / "gpt2-tiny-cpu.yaml")
 RUN_TIMEOUT_S = 240
+PROGRESS_STEP = re.compile(r"zeroforge\.train: step (\d+)/")  # rank 0's progress line
 
 
 def _remove_deepspeed_shm() -> None:
@@ -116,9 +118,10 @@ def start(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None 
     return proc, log
 
 
-def finish(proc: subprocess.Popen, log: Path, run_dir: Path) -> Result:
+def finish(proc: subprocess.Popen, log: Path, run_dir: Path, timeout: float = RUN_TIMEOUT_S
+           ) -> Result:
     try:
-        proc.wait(timeout=RUN_TIMEOUT_S)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -127,9 +130,9 @@ def finish(proc: subprocess.Popen, log: Path, run_dir: Path) -> Result:
 
 
 def launch(run_dir: Path, overrides: list[str], nproc: int = 2, env: dict | None = None,
-           config: str = TINY_CONFIG) -> Result:
+           config: str = TINY_CONFIG, timeout: float = RUN_TIMEOUT_S) -> Result:
     proc, log = start(run_dir, overrides, nproc, env, config)
-    return finish(proc, log, run_dir)
+    return finish(proc, log, run_dir, timeout)
 
 
 def rank_processes(proc: subprocess.Popen) -> dict[int, object]:
@@ -149,15 +152,22 @@ def rank_processes(proc: subprocess.Popen) -> dict[int, object]:
     return out
 
 
-def wait_for_step(result_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 180
-                  ) -> None:
-    """Block until metrics.jsonl has a record with ``step`` >= step (or the run ended)."""
+def wait_for_step(result_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 180,
+                  log: Path | None = None) -> None:
+    """Block until metrics.jsonl has a record with ``step`` >= step (or the run ended).
+
+    ``log``: read the steps from this launch's own log (rank 0's progress lines) instead. A
+    restart needs it: until its setup rewrites metrics.jsonl, the file still holds the records
+    of the run that died, past the checkpoint the restart resumes from."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             return
-        # The reader skips a line being written (it reads as a torn last line).
-        if any(r["step"] >= step for r in read_metrics(result_dir)):
+        if log is not None:
+            logged = [int(n) for n in PROGRESS_STEP.findall(log.read_text(errors="replace"))]
+        else:  # the reader skips a line being written (it reads as a torn last line)
+            logged = [r["step"] for r in read_metrics(result_dir)]
+        if any(n >= step for n in logged):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s")

@@ -155,3 +155,28 @@ def test_global_batch_that_cannot_be_kept_is_refused(runs, tiny_store):
     assert result.returncode == 2, result.output[-4000:]
     assert "train.micro_batch_size=3 x 1 ranks does not divide the global batch 4" in \
         result.output, result.output[-4000:]
+
+
+def test_elastic_resume_applies_changed_adamw_settings(runs, tiny_store):
+    """1 -> 2 ranks at ZeRO-3 (the universal load and its repair, which restores the saved
+    param-group values) with new optim.weight_decay / betas / eps: the optimizer steps with the
+    configured values, as the next checkpoint's optimizer state shows on both ranks."""
+    _, _, z3 = runs
+    run_dir = z3[-1].run_dir  # step 12, saved by 1 rank
+    changed = ["train.max_steps=13", "optim.weight_decay=0.02", "optim.betas=[0.8,0.9]",
+               "optim.eps=1e-6"]
+    result = launch(run_dir, _overrides(tiny_store, run_dir, 3) + changed)
+    assert result.returncode == 0, result.output[-4000:]
+    assert "step_00000012 to DeepSpeed's universal" in result.output
+    assert ("AdamW settings changed on resume, in effect from step 13: optim.weight_decay: 0.1 "
+            "-> 0.02; optim.betas: [0.9, 0.95] -> [0.8, 0.9]; optim.eps: 1e-08 -> 1e-06"
+            in result.output), result.output[-4000:]
+    tag = run_dir / "checkpoints" / f"step_{13:08d}"
+    for rank in range(2):
+        saved = torch.load(tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                           map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        groups = {g["name"]: g for g in saved["optimizer_state_dict"]["param_groups"]}
+        assert groups["decay"]["weight_decay"] == 0.02, rank
+        assert groups["no_decay"]["weight_decay"] == 0.0, rank
+        for g in groups.values():
+            assert tuple(g["betas"]) == (0.8, 0.9) and g["eps"] == 1e-6, (rank, g["name"])

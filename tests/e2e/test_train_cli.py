@@ -1,5 +1,5 @@
 """The `zeroforge train` command line: config errors exit 2 naming the key, --print-config,
-`--nproc 2` through the DeepSpeed launcher (a T5 run, which also covers the encoder-decoder
+`--nproc 2` (ranks started directly; a T5 run, which also covers the encoder-decoder
 path), and a relaunch with a changed model refused instead of silently starting over."""
 
 from __future__ import annotations
@@ -24,11 +24,24 @@ def _zeroforge(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     ("train.max_stepz=3", "train.max_stepz: unknown key (did you mean train.max_steps?)"),
     ("train.seed=abc", "train.seed: expected an integer, got str 'abc'"),
     ("tracking.backend=wandb", "tracking.backend"),
+    # Caught when the config loads, not inside the first forward.
+    ("data.seq_len=512", "data.seq_len: inputs of 512 tokens are longer than the model's "
+                         "context, model.n_positions=256"),
 ])
 def test_config_errors_exit_2_naming_the_key(override, expected):
     p = _zeroforge("train", "--config", "gpt2-tiny-cpu", override)
     assert p.returncode == EXIT_CONFIG
     assert expected in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("launcher", ["zeroforge", "deepspeed"])
+def test_bad_config_with_nproc_2_is_reported_once(launcher):
+    # The ranks start while this process checks the config; a bad one stops them at once.
+    p = _zeroforge("train", "--config", "gpt2-tiny-cpu", "--nproc", "2", "--launcher", launcher,
+                   "train.seed=abc")
+    assert p.returncode == EXIT_CONFIG, p.stderr[-3000:]
+    assert p.stderr.count("train.seed: expected an integer, got str 'abc'") == 1, p.stderr
     assert "Traceback" not in p.stderr
 
 
@@ -41,6 +54,20 @@ def test_print_config_shows_run_and_merged_deepspeed_config():
     ds = json.loads(ds_part)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == 4 * 3 * 2
+
+
+@pytest.mark.parametrize("config,override,expected", [
+    ("gpt2-tiny-cpu", "model.eos_token_id=5",
+     "model.eos_token_id=5 is not the token store's end-of-text id 50256"),
+    (T5_CONFIG, "model.pad_token_id=0",
+     "model.pad_token_id=0 is not the token store's end-of-text id 50256"),
+])
+def test_special_ids_must_match_the_store(tiny_store, tmp_path, config, override, expected):
+    p = _zeroforge("train", "--config", config, f"data.store={tiny_store}",
+                   f"run_dir={tmp_path}", override)
+    assert p.returncode == EXIT_CONFIG, p.stderr[-3000:]
+    assert expected in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,19 @@ def test_invalid_arguments(gpt2: GPT2) -> None:
         generate_gpt2(gpt2, PROMPTS, 64)
 
 
+def test_gpt2_fills_the_whole_context(gpt2: GPT2) -> None:
+    # The last sampled token is never fed back: a prompt of L tokens can get n_positions - L + 1
+    # new ones, and the cached and recomputed paths (whose longest input is then exactly
+    # n_positions) agree.
+    n = gpt2.config.n_positions
+    prompt = [list(range(1, 11))]
+    cached = generate_gpt2(gpt2, prompt, n - 10 + 1, Sampling(stop_at_eos=False))
+    full = generate_gpt2(gpt2, prompt, n - 10 + 1, Sampling(stop_at_eos=False, use_cache=False))
+    assert cached == full and len(cached[0]) == n - 10 + 1
+    with pytest.raises(ValueError, match="n_positions"):
+        generate_gpt2(gpt2, prompt, n - 10 + 2)
+
+
 def test_t5_cache_matches_recompute_and_batch(t5: EncoderDecoder) -> None:
     cached = generate_encdec(t5, PROMPTS, 15, Sampling(stop_at_eos=False))
     assert cached == generate_encdec(t5, PROMPTS, 15, Sampling(stop_at_eos=False, use_cache=False))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from zeroforge.model import EncDecConfig, GPT2Config
 from zeroforge.pipeline.training import checkpoint as ckpt
 from zeroforge.pipeline.training.config import CheckpointConfig
 
@@ -40,14 +41,44 @@ def test_prune_keeps_last_k_and_drops_stale_partials(tmp_path):
     assert [s for s, _ in ckpt.partial(tmp_path)] == [9]
 
 
+def _saved(config, family="gpt2"):
+    return {"format_version": ckpt.FORMAT_VERSION, "model_family": family,
+            "model_config": config.to_dict(), "store_fingerprint": "abc"}
+
+
 def test_check_compatible_refuses_changed_model_or_store():
-    saved = {"format_version": ckpt.FORMAT_VERSION, "model_config": {"n_layer": 2, "n_embd": 64},
-             "store_fingerprint": "abc"}
-    ckpt.check_compatible(saved, {"n_layer": 2, "n_embd": 64}, "abc", "x")
-    with pytest.raises(ckpt.ResumeError, match=r"model.n_layer: 2 -> 3"):
-        ckpt.check_compatible(saved, {"n_layer": 3, "n_embd": 64}, "abc", "x")
+    tiny = GPT2Config.preset("gpt2-tiny")
+    saved = _saved(tiny)
+    ckpt.check_compatible(saved, tiny, "abc", "x")
+    wider = GPT2Config.preset("gpt2-tiny", n_embd=128)
+    with pytest.raises(ckpt.ResumeError, match=r"model.n_embd: 64 -> 128"):
+        ckpt.check_compatible(saved, wider, "abc", "x")
     with pytest.raises(ckpt.ResumeError, match="token store changed"):
-        ckpt.check_compatible(saved, {"n_layer": 2, "n_embd": 64}, "def", "x")
+        ckpt.check_compatible(saved, tiny, "def", "x")
+
+
+def test_check_compatible_allows_changes_that_leave_the_weights_alone():
+    # Natural on resume: activation checkpointing to fit fewer GPUs, another dropout.
+    saved = _saved(GPT2Config.preset("gpt2-tiny"))
+    now = GPT2Config.preset("gpt2-tiny", activation_checkpointing=True, dropout=0.1,
+                            init_std=0.01)
+    ckpt.check_compatible(saved, now, "abc", "x")
+    t5 = EncDecConfig.preset("t5-tiny")
+    ckpt.check_compatible(_saved(t5, "encdec"),
+                          EncDecConfig.preset("t5-tiny", activation_checkpointing=True,
+                                              dropout=0.2), "abc", "x")
+
+
+def test_check_compatible_names_a_family_change():
+    t5 = EncDecConfig.preset("t5-tiny")
+    with pytest.raises(ckpt.ResumeError) as e:
+        ckpt.check_compatible(_saved(t5, "encdec"), GPT2Config.preset("gpt2-tiny"), "abc", "x")
+    assert "model.family: 'encdec' -> 'gpt2'" in str(e.value)
+    assert "model.d_model" not in str(e.value), "one line, not every field of two families"
+    # Markers written before the family was recorded: it is recognised from the fields.
+    old = {k: v for k, v in _saved(t5, "encdec").items() if k != "model_family"}
+    with pytest.raises(ckpt.ResumeError, match="model.family: 'encdec' -> 'gpt2'"):
+        ckpt.check_compatible(old, GPT2Config.preset("gpt2-tiny"), "abc", "x")
 
 
 def test_config_validation():

@@ -112,6 +112,21 @@ def test_deepspeed_overrides_merge_and_run_owned_keys_refused(tmp_path):
         merge_ds_config(cfg, world_size=1, cpu=True)
 
 
+def test_adamw_is_torch_fused_on_gpu():
+    cfg = load_run_config("gpt2-tiny-cpu", ["data.store=/s"])
+    gpu = merge_ds_config(cfg, world_size=1, cpu=False)["optimizer"]
+    assert gpu == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                               "weight_decay": 0.1, "torch_adam": True,
+                                               "fused": True}}
+    cpu = merge_ds_config(cfg, world_size=1, cpu=True)["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and "fused" not in cpu
+    offload = load_run_config("gpt2-tiny-cpu", [
+        "data.store=/s", "deepspeed.zero_optimization.stage=2",
+        "deepspeed.zero_optimization.offload_optimizer.device=cpu"])
+    params = merge_ds_config(offload, world_size=1, cpu=False)["optimizer"]["params"]
+    assert "torch_adam" not in params and "fused" not in params
+
+
 def test_config_hash_is_stable_and_sensitive():
     a = load_run_config("gpt2-tiny-cpu", ["data.store=/s"])
     b = load_run_config("gpt2-tiny-cpu", ["data.store=/s"])

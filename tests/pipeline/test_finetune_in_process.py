@@ -39,6 +39,7 @@ from zeroforge.pipeline.results.weights import read_checkpoint, resolve_checkpoi
 from zeroforge.pipeline.tasks.base import IGNORE_INDEX
 from zeroforge.pipeline.training.loop import fit
 from zeroforge.pipeline.training.setup import setup
+from zeroforge.pipeline.training.state import Outcome
 from zeroforge.pipeline.training.step import train_step
 
 EOT = 50256
@@ -147,13 +148,13 @@ def test_a_micro_batch_without_loss_tokens_neither_nans_nor_biases_the_step(devi
         want_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum())
                                   for p in reference.parameters() if p.grad is not None))
 
-        loss, skipped, _ = train_step(run, iter([masked, real]), PreemptionFlag())
-        assert not skipped and math.isfinite(loss)
-        assert loss == pytest.approx(float(s.detach() / n), rel=1e-6)
+        result = train_step(run, iter([masked, real]), PreemptionFlag())
+        assert result.outcome is Outcome.APPLIED and math.isfinite(result.loss)
+        assert result.loss == pytest.approx(float(s.detach() / n), rel=1e-6)
         assert float(run.engine.get_global_grad_norm()) == pytest.approx(want_norm, rel=1e-5)
         # A step with no loss token anywhere: loss 0 and a zero gradient, not NaN.
-        loss, skipped, _ = train_step(run, iter([masked, masked]), PreemptionFlag())
-        assert loss == 0.0 and not skipped
+        result = train_step(run, iter([masked, masked]), PreemptionFlag())
+        assert result.loss == 0.0 and result.outcome is Outcome.APPLIED
         assert all(torch.isfinite(p).all() for p in run.engine.module.parameters())
     finally:
         run.loader.close()

@@ -199,3 +199,48 @@ def test_t5_needs_enough_sentinels(store):
         TrainLoader(t5(cfg, SENTINELS[:10]), 1, 1, 0, 1, seed=0)
     with pytest.raises(ValueError, match="needs a model with eos_token_id"):
         TrainLoader(SpanCorruption(cfg, SpecialIds(eos=None)), 1, 1, 0, 1, seed=0)
+
+
+def test_decoder_start_token_is_one_source_of_truth(store, tmp_path):
+    """A model whose decoder_start_token_id differs from pad_token_id: the training batches, the
+    model's own shift, generation and the Hugging Face export all start the decoder with it."""
+    import json
+
+    import transformers
+    from zeroforge.model import (
+        EncDecConfig,
+        EncoderDecoder,
+        Sampling,
+        generate_encdec,
+        save_encdec_hf,
+    )
+    from zeroforge.pipeline import registry
+
+    start = 13  # an ordinary token, neither pad (= EOT) nor a sentinel
+    cfg = EncDecConfig(d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB,
+                       n_sentinels=100, pad_token_id=PAD, eos_token_id=EOT,
+                       decoder_start_token_id=start, relative_attention_num_buckets=8,
+                       relative_attention_max_distance=20)
+    task = registry.make_task("t5", DataConfig(store=store, seq_len=32), cfg)
+    with TrainLoader(task, 2, 1, 0, 1, seed=11) as ld:
+        batch = next(ld)
+    torch.manual_seed(0)
+    model = EncoderDecoder(cfg).eval()
+    assert (batch["decoder_input_ids"][:, 0] == start).all()
+    assert torch.equal(batch["decoder_input_ids"], model.shift_right(batch["labels"]))
+
+    save_encdec_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["decoder_start_token_id"] == start
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        loss_sum, n_tokens = task.loss_sum(model, batch, "cpu")
+        ours = loss_sum / n_tokens
+        # HF builds the decoder input from the labels itself, with its config's start token.
+        theirs = hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    prompt = batch["input_ids"][:1]
+    out = hf.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert out[0, 0].item() == start
+    assert out[0, 1:].tolist() == generate_encdec(model, prompt.tolist(), 6,
+                                                  Sampling(stop_at_eos=False))[0]

@@ -6,41 +6,21 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
-from zeroforge.data_prep.build import PrepOptions, build_store
-from zeroforge.pipeline.config import load_run_config
-from zeroforge.pipeline.dist import PreemptionFlag, discover
 from zeroforge.pipeline.errors import EXIT_OK
 from zeroforge.pipeline.tracking.metrics_file import read_metrics
 from zeroforge.pipeline.training import checkpoint as ckpt
-from zeroforge.pipeline.training.loop import fit
-from zeroforge.pipeline.training.setup import setup
 
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("store") / "s"
-    build_store(["builtin:pydoc-topics"], out, PrepOptions(val_fraction=0.1, progress=False))
-    return out
+from tests.pipeline.conftest import train_in_process
 
 
 def _train(store, run_dir, device, max_steps):
-    cfg = load_run_config("gpt2-tiny-cpu", [
-        f"data.store={store}", f"run_dir={run_dir}", "data.seq_len=32", "data.val_windows=4",
-        "train.micro_batch_size=2", "train.grad_accum=2", f"train.max_steps={max_steps}",
-        "train.eval_every=0", "train.sample_tokens=0", "checkpoint.every=3",
-        "optim.decay_steps=6", "optim.warmup_steps=2", "tracking.backend=none",
-        "deepspeed.zero_optimization.stage=1"])
-    run = setup(cfg, discover(), device)
-    try:
-        assert fit(run, PreemptionFlag()) == EXIT_OK
-        weights = [p.detach().clone() for p in run.engine.module.parameters()]
-    finally:
-        run.loader.close()
-        run.metrics.close()
-        run.progress.close()
-    return run, weights
+    run, code = train_in_process(
+        store, run_dir, device, "train.grad_accum=2", f"train.max_steps={max_steps}",
+        "checkpoint.every=3", "optim.decay_steps=6", "optim.warmup_steps=2",
+        "optim.lr=1e-3", "deepspeed.zero_optimization.stage=1", keep=True)
+    assert code == EXIT_OK
+    return run, [p.detach().clone() for p in run.engine.module.parameters()]
 
 
 def test_fit_in_process_and_exact_resume(store, device, tmp_path):
