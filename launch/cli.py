@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("zeroforge.launch.commands.inspect",
                 "describe a token store (tokenizer, splits, counts, size)"),
     "verify": ("zeroforge.launch.commands.verify",
-               "check every checksum and invariant of a token store"),
+               "check every checksum and invariant of a token store or a run's checkpoints"),
     "train": ("zeroforge.launch.commands.train", "train a model with DeepSpeed ZeRO from a run config"),
     "eval": ("zeroforge.launch.commands.evaluate", "validation loss / perplexity of a checkpoint"),
     "sample": ("zeroforge.launch.commands.sample", "generate text from a checkpoint"),

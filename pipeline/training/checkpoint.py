@@ -6,32 +6,44 @@ Layout (``checkpoint.dir``, default ``<run_dir>/checkpoints``)::
         mp_rank_00_model_states.pt  (DeepSpeed's files; client state inside)
         zero_pp_rank_*_optim_states.pt
         rng_rank00000.pt            each rank's RNG states (python, numpy, torch)
+        MANIFEST.json               every file above: size and CRC-32C (training/manifest.py)
         COMMITTED                   JSON marker, written last: the checkpoint is complete
     latest                          DeepSpeed's pointer to the newest committed tag
 
 Commit protocol: every rank saves its shards and fsyncs what it wrote, all ranks meet at a
-barrier, and only then rank 0 writes ``COMMITTED`` and ``latest`` (each via temp file + fsync +
-rename) and prunes old tags; a second barrier keeps any rank from leaving before the commit. A
-tag without ``COMMITTED`` (a crash or SIGKILL during the save) is ignored by resume and deleted
-at the next save. Resume refuses, rather than starting over, when a committed checkpoint
-exists but cannot be loaded or was written for another model or token store.
+barrier, each rank checksums its share of the files (its own, mostly: still in its page cache),
+and only then rank 0 writes ``MANIFEST.json``, ``COMMITTED`` (which records the manifest's
+CRC-32C) and ``latest`` (each via temp file + fsync + rename) and prunes old tags; a second
+barrier keeps any rank from leaving before the commit. A tag without ``COMMITTED`` (a crash or
+SIGKILL during the save) is ignored by resume and deleted at the next save. Resume refuses,
+rather than starting over, when a committed checkpoint exists but cannot be loaded or was
+written for another model or token store.
+
+Integrity: nothing reads a committed checkpoint's files before checking them against its
+manifest (``verify_tag``; on several ranks ``verify_on_ranks`` shares the work out). Resume
+takes the newest checkpoint that verifies: a corrupt newer one is renamed ``<tag>.corrupt-<time>``
+(kept for inspection, never tried again) with a loud warning (``choose_resume``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from zeroforge.data_prep import atomic
 from zeroforge.pipeline import debug
 from zeroforge.pipeline.errors import RunError
+from zeroforge.pipeline.training import manifest
 from zeroforge.pipeline.training.process import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -40,6 +52,10 @@ FORMAT_VERSION = 1
 MARKER = "COMMITTED"
 LATEST = "latest"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+# The rank a checkpoint file belongs to: DeepSpeed's ``zero_pp_rank_R_...`` (ZeRO shards, bf16
+# ones too) and our ``rng_rankRRRRR.pt``; files without one (``mp_rank_00_model_states.pt``)
+# are written by rank 0.
+_RANK_RE = re.compile(r"(?:pp_rank_|rng_rank)(\d+)")
 
 
 def tag_for(step: int) -> str:
@@ -77,8 +93,29 @@ def latest_committed(root: Path) -> tuple[int, str] | None:
     return tags[-1] if tags else None
 
 
+def root_of_run(run_dir: Path) -> Path:
+    """A run directory's checkpoint root: ``checkpoint.dir`` of its resolved config, if set."""
+    resolved = run_dir / "config.yaml"
+    if resolved.is_file():
+        try:
+            data = yaml.safe_load(resolved.read_text()) or {}
+        except yaml.YAMLError:
+            data = {}
+        custom = (data.get("checkpoint") or {}).get("dir") if isinstance(data, dict) else None
+        if custom:
+            return Path(custom)
+    return run_dir / "checkpoints"
+
+
 def read_marker(root: Path, tag: str) -> dict[str, Any]:
-    return json.loads((root / tag / MARKER).read_text())
+    path = root / tag / MARKER
+    try:
+        marker = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{path}: unreadable commit marker ({e})") from None
+    if not isinstance(marker, dict):
+        raise ResumeError(f"{path}: unreadable commit marker (not a JSON object)")
+    return marker
 
 
 def _barrier() -> None:
@@ -110,18 +147,43 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
                 pass
     debug.kill_in_save(step, rank)
     _barrier()
+    files = _gather_entries(tag_dir, rank)
     if rank == 0:
         marker = {"step": step, "time": time.time(), "format_version": FORMAT_VERSION,
                   "config_hash": client_state.get("config_hash"),
                   "store_fingerprint": client_state.get("store_fingerprint"),
                   "model_config": client_state.get("model_config"),
                   # The layout an elastic resume must adapt to (pipeline/elastic.py).
-                  "world_size": engine.dp_world_size, "global_batch": engine.train_batch_size()}
+                  "world_size": engine.dp_world_size, "global_batch": engine.train_batch_size(),
+                  "manifest_crc32c": manifest.write(tag_dir, files)}
         atomic.write_bytes(tag_dir / MARKER, json.dumps(marker, indent=1).encode())
         atomic.write_bytes(root / LATEST, tag.encode())
         _prune(root, keep_last)
     _barrier()
     return tag_dir
+
+
+def _owner(name: str, world: int) -> int:
+    """The rank that checksums file ``name``: the rank it belongs to (its page cache holds it
+    after a save, and it loads it on a resume), else one spread by name."""
+    m = _RANK_RE.search(name)
+    return (int(m.group(1)) if m else zlib.crc32(name.encode())) % world
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gather_entries(tag_dir: Path, rank: int) -> dict[str, manifest.Entry]:
+    """Size and CRC-32C of every file of a saved tag (collective); complete on rank 0."""
+    world = _world()
+    names = manifest.data_files(tag_dir, recursive=False, exclude=[MARKER])
+    mine = {n: manifest.file_entry(tag_dir / n) for n in names if _owner(n, world) == rank}
+    if world == 1:
+        return mine
+    parts: list[Any] = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts or [] for k, v in part.items()}
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -183,7 +245,96 @@ def load(engine: Any, root: Path, tag: str, rank: int, module_only: bool = False
     if module_only:
         pass
     elif rng_path.is_file():
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(_load_rng(rng_path))
     else:
         log.warning("no RNG state for rank %d in %s (world size changed?)", rank, where)
     return client
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        # Written before RNG files held tensors only (numpy's key array): our own file, from a
+        # committed checkpoint, so unpickling it is safe.
+        return torch.load(path, weights_only=False)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+class CorruptCheckpointError(RunError):
+    """A committed checkpoint whose files do not match its manifest (exit code 1)."""
+
+
+def verify_tag(tag_dir: Path, names: list[str] | None = None) -> list[str]:
+    """Problems of a committed tag against its manifest (``names``: only those files), each
+    naming its file; empty when sound. A tag committed before checkpoints had manifests has
+    nothing to check against: a warning says so, and it counts as sound."""
+    try:
+        marker = read_marker(tag_dir.parent, tag_dir.name)
+    except ResumeError as e:
+        return [str(e)]
+    if "manifest_crc32c" not in marker:
+        log.warning("%s was committed before checkpoints had manifests: its files cannot be "
+                    "verified", tag_dir)
+        return []
+    try:
+        files = manifest.read(tag_dir, marker["manifest_crc32c"])
+    except manifest.ManifestError as e:
+        return [str(e)]
+    return manifest.check(tag_dir, files, names)
+
+
+def verify_on_ranks(tag_dir: Path, rank: int) -> list[str]:
+    """``verify_tag`` with the files shared out over the ranks (collective): each rank checks
+    its own files and a share of the others, and every rank returns the same problems."""
+    world = _world()
+    if world == 1:
+        return verify_tag(tag_dir)
+    try:
+        marker = read_marker(tag_dir.parent, tag_dir.name)
+        names = sorted(manifest.read(tag_dir, marker.get("manifest_crc32c")))
+    except (ResumeError, manifest.ManifestError):
+        names = []  # the manifest itself is bad: each rank reports it below
+    mine = verify_tag(tag_dir, [n for n in names if _owner(n, world) == rank])
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return sorted({p for part in parts for p in part})
+
+
+def corrupt_message(tag_dir: Path, problems: list[str]) -> str:
+    """One line for a corrupt checkpoint (each problem names its file, inside ``tag_dir``)."""
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return f"corrupt checkpoint: {problems[0]}{more}"
+
+
+def choose_resume(root: Path, rank: int) -> tuple[tuple[int, str] | None, list[str]]:
+    """The newest committed checkpoint that verifies (collective), and a line for each corrupt
+    newer one, which rank 0 has renamed ``<tag>.corrupt-<unix time>`` so that no later start
+    tries it again. Raises CorruptCheckpointError when every committed checkpoint is corrupt:
+    a run never starts over on its own."""
+    tags, corrupt = committed(root), []
+    for step, tag in reversed(tags):
+        problems = verify_on_ranks(root / tag, rank)
+        if not problems:
+            if corrupt and rank == 0:
+                atomic.write_bytes(root / LATEST, tag.encode())
+            _barrier()
+            return (step, tag), corrupt
+        corrupt.append(corrupt_message(root / tag, problems))
+        if rank == 0:
+            log.error("%s; set aside as %s", corrupt[-1], _quarantine(root / tag).name)
+        _barrier()
+    if corrupt:
+        raise CorruptCheckpointError(
+            f"every committed checkpoint in {root} is corrupt ({corrupt[0]}); refusing to start "
+            "over: restore a good copy, or move the directory away to start a new run")
+    return None, []
+
+
+def _quarantine(tag_dir: Path) -> Path:
+    """Rename a corrupt tag out of the way (its name no longer parses as a tag)."""
+    target = tag_dir.with_name(f"{tag_dir.name}.corrupt-{int(time.time())}")
+    tag_dir.rename(target)
+    return target

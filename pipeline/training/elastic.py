@@ -21,7 +21,8 @@ Three things carry over:
   whole optimizer state on every rank and loads as usual.
 
 The conversion lives inside the tag directory so pruning old checkpoints removes it too, and it
-is reused if the same checkpoint is resumed at another world size again.
+is reused if the same checkpoint is resumed at another world size again. It carries a manifest
+of its own (training/manifest.py); one that no longer matches is converted again.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from zeroforge.data_prep import atomic
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.training import checkpoint as ckpt
+from zeroforge.pipeline.training import manifest
 from zeroforge.pipeline.training.ds_config import zero_stage
 from zeroforge.pipeline.training.engine import require_tested_deepspeed
 
@@ -70,7 +72,7 @@ def saved_layout(tag_dir: Path) -> SavedLayout:
         if not files:
             raise ckpt.ResumeError(f"{tag_dir}: no model-states file to read the world size from")
         # mmap: only the small metadata is read, not the weights.
-        state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        state = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
         world, batch = state["dp_world_size"], state["data"]["global_batch"]
     return SavedLayout(int(world), int(batch))
 
@@ -127,11 +129,11 @@ class ResumePlan:
         return client
 
 
-def plan_resume(ckpt_dir: Path, micro_batch: int, grad_accum: int, world_size: int, rank: int
-                ) -> ResumePlan:
-    """Compare the newest committed checkpoint's layout with this launch (call on every rank,
-    before the engine is built: DeepSpeed's config depends on the result)."""
-    latest = ckpt.latest_committed(ckpt_dir)
+def plan_resume(ckpt_dir: Path, latest: tuple[int, str] | None, micro_batch: int,
+                grad_accum: int, world_size: int, rank: int) -> ResumePlan:
+    """Compare the layout of ``latest`` (the checkpoint to resume: training/checkpoint.py's
+    ``choose_resume``) with this launch (call on every rank, before the engine is built:
+    DeepSpeed's config depends on the result)."""
     if latest is None:
         return ResumePlan(world_size=world_size)
     tag_dir = ckpt_dir / latest[1]
@@ -157,6 +159,10 @@ def ensure_universal(tag_dir: Path, rank: int) -> Path:
     """
     out = tag_dir / UNIVERSAL_DIR
     error = None
+    if rank == 0 and out.is_dir() and (problems := manifest.verify(out)):
+        # Derived from the verified checkpoint: convert it again rather than load bad bytes.
+        log.warning("%s: %s; converting again", out, problems[0])
+        shutil.rmtree(out)
     if rank == 0 and not out.is_dir():
         try:
             _convert(tag_dir, out)
@@ -196,6 +202,8 @@ def _convert(tag_dir: Path, out: Path) -> None:
     # Each rank restores its own RNG states if it existed before (training/checkpoint.py).
     for rng in tag_dir.glob("rng_rank*.pt"):
         shutil.copy2(rng, tmp / rng.name)
+    manifest.write(tmp, {name: manifest.file_entry(tmp / name)
+                         for name in manifest.data_files(tmp, recursive=True)})
     atomic.replace_dir(tmp, out)
 
 

@@ -19,6 +19,7 @@ from zeroforge.pipeline.data.windows import open_stores, store_fingerprint
 from zeroforge.pipeline.dist import DistEnv
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.results.weights import init_from
+from zeroforge.pipeline.tracking.base import Tracker
 from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.params import run_params
 from zeroforge.pipeline.tracking.progress import Progress
@@ -58,13 +59,14 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     if model_config.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
                           f"token store's vocabulary ({vocab}, tokenizer {tokenizer})")
+    # The newest committed checkpoint whose files verify (a corrupt newer one is set aside).
+    latest, corrupt = ckpt.choose_resume(ckpt_dir, d.rank)
     # A checkpoint from another world size: keep its global batch, load it re-partitioned.
-    plan = plan_resume(ckpt_dir, cfg.train.micro_batch_size, cfg.train.grad_accum,
+    plan = plan_resume(ckpt_dir, latest, cfg.train.micro_batch_size, cfg.train.grad_accum,
                        d.world_size, d.rank)
     cfg = plan.run_config(cfg)
     ds = plan.ds_config(cfg.ds_config(d.world_size, detect_device()))
     family = registry.family_of(model_config)
-    latest = ckpt.latest_committed(ckpt_dir)
     engine, n_params = _build(cfg, d, ds, family, model_config, tokenizer,
                               fresh=latest is None)
     state, client = LoopState(), {}
@@ -81,6 +83,8 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     hostnames = _all_gather_strings(socket.gethostname(), d.world_size)
     tracker = make_tracker(cfg.tracking, run_dir, d.rank,
                            resume_run_id=client.get("tracking_run_id"), hostnames=hostnames)
+    if corrupt and latest is not None:
+        _report_fallback(tracker, corrupt, ckpt_dir / latest[1], d.rank)
     run = Run(cfg=cfg, dist=d, device=device, run_dir=run_dir, ckpt_dir=ckpt_dir, engine=engine,
               model_config=model_config, family=family, task=task, ds_config=ds, loader=loader,
               val=val, tracker=tracker, state=state, fingerprint=fingerprint, n_params=n_params,
@@ -131,6 +135,14 @@ def _resume(cfg: RunConfig, d: DistEnv, engine: Any, plan: ResumePlan, ckpt_dir:
         log.warning("the run config changed since the checkpoint (model and data did not); "
                     "continuing with the new config")
     return state, client
+
+
+def _report_fallback(tracker: Tracker, corrupt: list[str], tag_dir: Path, rank: int) -> None:
+    """A loud warning and a run tag: the run went back past a corrupt checkpoint."""
+    text = f"{'; '.join(corrupt)}; resumed from {tag_dir} instead"
+    if rank == 0:
+        log.warning("RESUME FALLBACK: %s", text)
+    tracker.set_tags({"zeroforge.resume_fallback": text})
 
 
 def _start_reporting(run: Run) -> None:
