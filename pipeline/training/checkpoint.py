@@ -178,7 +178,9 @@ def _gather_entries(tag_dir: Path, rank: int) -> dict[str, manifest.Entry]:
     """Size and CRC-32C of every file of a saved tag (collective); complete on rank 0."""
     world = _world()
     names = manifest.data_files(tag_dir, recursive=False, exclude=[MARKER])
-    mine = {n: manifest.file_entry(tag_dir / n) for n in names if _owner(n, world) == rank}
+    mine_names = [n for n in names if _owner(n, world) == rank]
+    mine = dict(zip(mine_names, manifest.file_entries([tag_dir / n for n in mine_names]),
+                    strict=True))
     if world == 1:
         return mine
     parts: list[Any] = [None] * world if rank == 0 else None
@@ -335,6 +337,9 @@ def choose_resume(root: Path, rank: int) -> tuple[tuple[int, str] | None, list[s
 
 def _quarantine(tag_dir: Path) -> Path:
     """Rename a corrupt tag out of the way (its name no longer parses as a tag)."""
-    target = tag_dir.with_name(f"{tag_dir.name}.corrupt-{int(time.time())}")
+    stamp, n = int(time.time()), 0
+    while (target := tag_dir.with_name(f"{tag_dir.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
+           ).exists():
+        n += 1
     tag_dir.rename(target)
     return target

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from deepspeed.checkpoint import ds_to_universal
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from zeroforge.data_prep import atomic
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.errors import ConfigError
@@ -202,8 +204,9 @@ def _convert(tag_dir: Path, out: Path) -> None:
     # Each rank restores its own RNG states if it existed before (training/checkpoint.py).
     for rng in tag_dir.glob("rng_rank*.pt"):
         shutil.copy2(rng, tmp / rng.name)
-    manifest.write(tmp, {name: manifest.file_entry(tmp / name)
-                         for name in manifest.data_files(tmp, recursive=True)})
+    names = manifest.data_files(tmp, recursive=True)
+    manifest.write(tmp, dict(zip(names, manifest.file_entries([tmp / n for n in names]),
+                                 strict=True)))
     atomic.replace_dir(tmp, out)
 
 
@@ -216,8 +219,10 @@ def _repair_optimizer(engine: Any, universal: Path) -> None:
     saved hyperparameters, as a same-world resume does, and give each state its own step.
     """
     require_tested_deepspeed("repairing a ZeRO-3 universal checkpoint load")
-    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
-                       weights_only=False)["param_groups"]
+    # weights_only, allowing the two DeepSpeed classes the file holds (and nothing else).
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+        saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
+                           weights_only=True)["param_groups"]
     base = engine.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO wrapper
     if len(saved) != len(base.param_groups):
         raise ckpt.ResumeError(f"{universal}: {len(saved)} optimizer param groups saved, "
