@@ -26,7 +26,7 @@ from .progress import Progress
 from .sources import Record, SourceOptions, expand_inputs, partition, read_records
 from .store import FORMAT_NAME, FORMAT_VERSION, SPLITS, Layout, create_split_arrays
 from .tokenize import BatchEncoder, get_encoding, token_dtype
-from .writer import BuildDir, Ledger, SplitState, SplitWriter, truncate_array
+from .writer import HELD, BuildDir, Ledger, SplitState, SplitWriter, truncate_array
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,16 @@ class PrepError(ValueError):
     """A build that must stop: bad settings, a bad record under --strict, nothing to build."""
 
 
+# Share of documents in the val split by default: every recipe evaluates, so a store built with
+# no options must have one (docs/token-store.md). 1%: enough windows for the recipes' fixed
+# evaluation sets on a small corpus, little taken from a large one.
+DEFAULT_VAL_FRACTION = 0.01
+
+
 @dataclass(frozen=True)
 class PrepOptions:
     tokenizer: str = "gpt2"
-    val_fraction: float = 0.0
+    val_fraction: float = DEFAULT_VAL_FRACTION
     source: SourceOptions = field(default_factory=SourceOptions)
     layout: Layout = field(default_factory=Layout)
     # Below: how the build runs, not what it produces (not part of the configuration hash).
@@ -188,8 +194,10 @@ def build_store(
         return done
     # Workers fork from here, before zarr starts its event-loop thread.
     with BatchEncoder(options.tokenizer, options.workers) as encoder:
-        group, ledger, writers = _open_for_append(out, build_dir, content, enc, options.layout)
-        _run(units, options, encoder, ledger, writers, build_dir)
+        group, ledger, writers, held = _open_for_append(out, build_dir, content, enc, options.layout)
+        router = _Router(writers, options.val_fraction, guarantee_val=part is None, held=held)
+        _run(units, options, encoder, ledger, router, build_dir)
+    router.finish()
     if sum(w.n_docs for w in writers.values()) == 0 and part is None:  # an empty part is fine
         shutil.rmtree(out, ignore_errors=True)
         raise PrepError(f"no documents in {', '.join(inputs)} ({sum(ledger.skipped.values())} records skipped)")
@@ -232,6 +240,7 @@ def _check_existing(out: Path, build_dir: BuildDir, chash: str, overwrite: bool)
 def _open_for_append(out: Path, build_dir: BuildDir, content: dict[str, Any], enc, layout: Layout):
     """Create the store, or reopen an interrupted build truncated to its last commit."""
     dtype = token_dtype(enc.n_vocab)
+    held = None
     if not build_dir.exists() or build_dir.load()[0].commit == 0:
         out.mkdir(parents=True, exist_ok=True)
         ledger, tails = Ledger(config_hash(content), splits={s: SplitState() for s in SPLITS}), {}
@@ -243,6 +252,7 @@ def _open_for_append(out: Path, build_dir: BuildDir, content: dict[str, Any], en
         build_dir.write_initial(ledger)
     else:
         ledger, tails = build_dir.load()
+        held = tails.pop(HELD, {}).get("tokens")
         # zarr writes every file as NAME.<uuid>.partial then renames it: a kill leaves the tmp.
         for torn in out.rglob("*.partial"):
             torn.unlink()
@@ -255,11 +265,11 @@ def _open_for_append(out: Path, build_dir: BuildDir, content: dict[str, Any], en
         name: SplitWriter(group, name, layout.shard_tokens, layout.offsets_shard, st, tails.get(name, {}))
         for name, st in ledger.splits.items()
     }
-    return group, ledger, writers
+    return group, ledger, writers, held
 
 
 def _run(
-    units, options: PrepOptions, encoder: BatchEncoder, ledger: Ledger, writers: dict[str, SplitWriter], build_dir: BuildDir
+    units, options: PrepOptions, encoder: BatchEncoder, ledger: Ledger, router: _Router, build_dir: BuildDir
 ) -> None:
     records = read_records(units, options.source)
     for _ in range(ledger.records_done):  # already committed: re-read, don't re-tokenize
@@ -281,28 +291,70 @@ def _run(
     last_commit = time.monotonic()
     for tokens, lengths in encoder.map(texts()):
         docs, consumed = pending.pop(0)
-        _route(docs, tokens, lengths, writers, options.val_fraction)
+        router.route(docs, tokens, lengths)
         ledger.records_done += consumed
         nbytes = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs)
         ledger.text_bytes += nbytes
         progress.update(len(docs), len(tokens), nbytes)
         if time.monotonic() - last_commit >= options.commit_seconds:
-            build_dir.commit(ledger, writers)
+            build_dir.commit(ledger, router.writers, router.held)
             last_commit = time.monotonic()
     progress.close()
 
 
-def _route(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, writers, val_fraction: float) -> None:
-    """Append each document to its split, keeping input order within each split."""
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    side = np.fromiter((is_val(d.id, val_fraction) for d in docs), dtype=bool, count=len(docs))
-    for name, mask in (("train", ~side), ("val", side)):
-        if not mask.any():
-            continue
-        if mask.all():
-            writers[name].add(tokens, lengths)
-            continue
-        idx = np.nonzero(mask)[0]
-        pieces = [tokens[starts[i] : ends[i]] for i in idx]
-        writers[name].add(np.concatenate(pieces), lengths[idx])
+class _Router:
+    """Appends each document to its split, keeping input order within each split.
+
+    A document goes to val when its id hashes below the val fraction. So that a corpus of more
+    than one document never ends up without a val document (a small corpus may have none
+    hashed there), the newest train document is held back while val is still empty: when the
+    input ends with val empty, the held document (the corpus's last) goes to val instead. A
+    multi-part build splits by hash only (``guarantee_val=False``): a part does not know
+    whether another part has val documents.
+    """
+
+    def __init__(self, writers: dict[str, SplitWriter], val_fraction: float, guarantee_val: bool,
+                 held: np.ndarray | None = None):
+        self.writers, self.val_fraction = writers, val_fraction
+        self.guarantee = guarantee_val and val_fraction > 0
+        self.held = held  # tokens of the held-back document; saved with each commit
+
+    def _holding(self) -> bool:
+        return self.guarantee and self.writers["val"].n_docs == 0
+
+    def route(self, docs: list[Record], tokens: np.ndarray, lengths: np.ndarray) -> None:
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        side = np.fromiter((is_val(d.id, self.val_fraction) for d in docs), dtype=bool, count=len(docs))
+        first = 0
+        while first < len(docs) and self._holding():  # one document at a time until val has one
+            doc = tokens[starts[first] : ends[first]]
+            self._release()
+            if side[first]:
+                self.writers["val"].add(doc, lengths[first : first + 1])
+            else:
+                self.held = doc
+            first += 1
+        for name, mask in (("train", ~side[first:]), ("val", side[first:])):
+            if not mask.any():
+                continue
+            idx = first + np.nonzero(mask)[0]
+            if mask.all():
+                self.writers[name].add(tokens[starts[first] :], lengths[first:])
+                continue
+            pieces = [tokens[starts[i] : ends[i]] for i in idx]
+            self.writers[name].add(np.concatenate(pieces), lengths[idx])
+
+    def _release(self) -> None:
+        if self.held is not None:
+            self.writers["train"].add(self.held, np.array([len(self.held)]))
+            self.held = None
+
+    def finish(self) -> None:
+        """The input has ended: the held document goes to val, unless it is the only one."""
+        if self.held is not None and self.writers["train"].n_docs > 0:
+            log.info("no document hashed to the val split; the last document goes there so that "
+                     "the store has one")
+            self.writers["val"].add(self.held, np.array([len(self.held)]))
+            self.held = None
+        self._release()

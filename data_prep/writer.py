@@ -19,6 +19,8 @@ from . import atomic
 from .checksum import crc32
 
 LEDGER_VERSION = 1
+# The tails file's entry for a document held back from the train split (build.py's _Router).
+HELD = "held"
 
 
 class ArrayAppender:
@@ -170,8 +172,11 @@ class BuildDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic.write_json(self.ledger_path, ledger.to_json())
 
-    def commit(self, ledger: Ledger, writers: dict[str, SplitWriter]) -> None:
-        """Tails first, then the ledger that names them: a kill between the two keeps the old commit."""
+    def commit(self, ledger: Ledger, writers: dict[str, SplitWriter], held: np.ndarray | None = None) -> None:
+        """Tails first, then the ledger that names them: a kill between the two keeps the old commit.
+
+        `held`: a consumed document not yet in any split (its record counts as done).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         ledger.commit += 1
         ledger.splits = {name: w.state() for name, w in writers.items()}
@@ -180,6 +185,8 @@ class BuildDir:
         for name, w in writers.items():
             arrays[f"{name}/tokens"] = w.tokens.tail()
             arrays[f"{name}/offsets"] = w.offsets.tail()
+        if held is not None:
+            arrays[f"{HELD}/tokens"] = held
         atomic.write_with(tail_file, lambda f: np.savez(f, **arrays))
         atomic.write_json(self.ledger_path, ledger.to_json())
         old = self.path / f"tails-{ledger.commit - 1}.npz"

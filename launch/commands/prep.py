@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from zeroforge.data_prep.build import PrepError, PrepOptions, build_store
+from zeroforge.data_prep.build import DEFAULT_VAL_FRACTION, PrepError, PrepOptions, build_store
 from zeroforge.data_prep.parts import finalize, part_dir
 from zeroforge.data_prep.sources import BUILTIN_CORPORA, TEXT_MODES, SourceError, SourceOptions
 from zeroforge.data_prep.store import CODECS, Layout
@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="token store directory to create")
     p.add_argument("--tokenizer", default="gpt2", choices=ENCODINGS, help="tiktoken encoding (default gpt2)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split, by id hash")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help=f"share of documents for the val split, by id hash (default {DEFAULT_VAL_FRACTION}; "
+                        "at least one document when there are two or more; 0: no val split)")
     p.add_argument("--text-mode", default="file", choices=TEXT_MODES, help="plain text: one document per file/paragraph/line")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet/HF field with the text (default text)")
     p.add_argument("--id-field", default="id", help="field used as document id when present (default id)")

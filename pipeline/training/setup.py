@@ -13,7 +13,7 @@ import torch.distributed as dist
 from zeroforge.data_prep.store import TokenStore
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.config import RunConfig, dump_yaml
-from zeroforge.pipeline.data.eval_set import eval_batches
+from zeroforge.pipeline.data.eval_set import NoEvalWindows, eval_batches
 from zeroforge.pipeline.data.loader import TrainLoader
 from zeroforge.pipeline.data.windows import open_stores, store_fingerprint
 from zeroforge.pipeline.dist import DistEnv
@@ -79,7 +79,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     task = registry.make_task(cfg.task_name, cfg.data, model_config)
     loader = TrainLoader(task, cfg.train.micro_batch_size, cfg.train.grad_accum, d.rank,
                          d.world_size, cfg.train.seed, state=client.get("data"))
-    val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
+    val = _validation(cfg, task, d)
     hostnames = _all_gather_strings(socket.gethostname(), d.world_size)
     tracker = make_tracker(cfg.tracking, run_dir, d.rank,
                            resume_run_id=client.get("tracking_run_id"), hostnames=hostnames)
@@ -135,6 +135,19 @@ def _resume(cfg: RunConfig, d: DistEnv, engine: Any, plan: ResumePlan, ckpt_dir:
         log.warning("the run config changed since the checkpoint (model and data did not); "
                     "continuing with the new config")
     return state, client
+
+
+def _validation(cfg: RunConfig, task: Any, d: DistEnv) -> list[dict]:
+    """This rank's evaluation batches; none (evaluation off, with a warning) when the store's
+    val split is too small for a window, unless early stopping needs them."""
+    try:
+        return eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
+    except NoEvalWindows as e:
+        if cfg.train.early_stopping_patience:
+            raise ConfigError(f"train.early_stopping_patience needs evaluation: {e}") from None
+        if d.rank == 0:
+            log.warning("%s. Training WITHOUT evaluation (no val/loss).", e)
+        return []
 
 
 def _report_fallback(tracker: Tracker, corrupt: list[str], tag_dir: Path, rank: int) -> None:

@@ -33,7 +33,7 @@ def _tag(root, step, files=None, legacy=False):
     marker = {"step": step}
     if not legacy:
         entries = manifest.file_entries([tag_dir / n for n in names])
-        marker["manifest_crc32c"] = manifest.write(tag_dir, dict(zip(names, entries)))
+        marker["manifest_crc32c"] = manifest.write(tag_dir, dict(zip(names, entries, strict=True)))
     (tag_dir / ckpt.MARKER).write_text(json.dumps(marker))
     return tag_dir
 
