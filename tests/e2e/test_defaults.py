@@ -15,9 +15,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 from zeroforge.pipeline.errors import EXIT_CONFIG
 from zeroforge.pipeline.tracking.metrics_file import read_metrics
 
