@@ -8,6 +8,8 @@ exits with its code. The codes are a contract with launchers and Slurm requeue l
     1   failed: crash, too many non-finite steps, a checkpoint that cannot or must not be loaded
     2   bad config or command line (the message names the key or flag)
     75  preempted (EX_TEMPFAIL): stopped by a signal after committing a checkpoint; rerun
+    130 interrupted by Ctrl-C before finishing, the shell's code for SIGINT (a training run's
+        first Ctrl-C is a preemption: checkpoint, 75; only a second one interrupts)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
 
 
 class ZeroforgeError(Exception):

@@ -16,6 +16,8 @@ from zeroforge.data_prep.tokenize import ENCODINGS, TokenizerError
 from zeroforge.pipeline.errors import EXIT_CONFIG, reported_as
 
 log = logging.getLogger("zeroforge.prep")
+# Said after Ctrl-C: nothing half-written reads as valid, and the build resumes.
+INTERRUPTED = "rerun the same command to continue from the last commit"
 
 EPILOG = f"""inputs: files, directories and globs (read in sorted order); .jsonl/.jsonl.gz/.jsonl.zst,
 .parquet, plain text otherwise; a directory written by datasets' save_to_disk; hf:NAME[:CONFIG]

@@ -32,7 +32,7 @@ def train(cfg: RunConfig) -> int:
     """Run this process's rank (call once per rank); returns the exit code."""
     d = discover()
     _quiet_other_ranks(d.rank)
-    preempt = PreemptionFlag().install()
+    preempt = PreemptionFlag(announce=d.rank == 0).install()
     device = init_distributed(d)
     try:
         run = setup(cfg, d, device)
