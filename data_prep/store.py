@@ -318,6 +318,7 @@ class TokenStore:
             raise StoreError(f"{path}: the build did not complete; rerun the same `zeroforge prep` command to finish it")
         store = cls(path, group, attrs)
         for name in store.splits:
+            _require_arrays(group, path, name)
             split = store.split(name)
             shape = group[name]["tokens"].shape[0]
             end = max((p + n for _, p, n in split.segments), default=0)
@@ -344,6 +345,16 @@ class TokenStore:
     def close(self) -> None:
         for r in self._readers.values():
             r.close()
+
+
+def _require_arrays(group, path: str, split: str) -> None:
+    """The split's group and arrays exist: name the metadata file that is missing."""
+    for key in (split, f"{split}/tokens", f"{split}/doc_offsets"):
+        try:
+            group[key]
+        except KeyError:
+            raise StoreError(f"{path}/{key}/zarr.json: missing (the metadata of "
+                             f"{'split' if key == split else 'array'} {key!r})") from None
 
 
 def describe(store: TokenStore) -> dict[str, Any]:
