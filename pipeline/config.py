@@ -223,6 +223,9 @@ def _value_problems(cfg: RunConfig) -> list[str]:
         p += section.problems()
     if not cfg.run_dir:
         p.append("run_dir must be a directory path")
+    for key, path in (("run_dir", cfg.run_dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+        if path and Path(path).exists() and not Path(path).is_dir():
+            p.append(f"{key}: {path} is a file, not a directory")
     if not cfg.ds_config_path().is_file():
         p.append(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
     try:

@@ -13,7 +13,14 @@ from zeroforge.data_prep.parts import finalize, part_dir
 from zeroforge.data_prep.sources import BUILTIN_CORPORA, TEXT_MODES, SourceError, SourceOptions
 from zeroforge.data_prep.store import CODECS, Layout
 from zeroforge.data_prep.tokenize import ENCODINGS, TokenizerError
-from zeroforge.pipeline.errors import EXIT_CONFIG, reported_as
+from zeroforge.pipeline.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    ZeroforgeError,
+    describe_os_error,
+    is_disk_full,
+    reported_as,
+)
 
 log = logging.getLogger("zeroforge.prep")
 # Said after Ctrl-C: nothing half-written reads as valid, and the build resumes.
@@ -91,6 +98,16 @@ def options_from_args(args) -> PrepOptions:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except OSError as e:  # the machine, not the command line: a full disk, a read-only --out
+        advice = ("; the build resumes: free space, then rerun the same command"
+                  if is_disk_full(e) else "")
+        raise ZeroforgeError(f"cannot build the store: {describe_os_error(e, args.out)}{advice}",
+                             EXIT_FAILED) from None
+
+
+def _run(args) -> int:
     t0 = time.monotonic()
     with reported_as(EXIT_CONFIG, PrepError, SourceError, TokenizerError):
         if args.finalize:

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import yaml
 from zeroforge.data_prep import atomic
 from zeroforge.pipeline import debug
-from zeroforge.pipeline.errors import RunError
+from zeroforge.pipeline.errors import RunError, describe_os_error
 from zeroforge.pipeline.training import manifest
 from zeroforge.pipeline.training.process import rng_state, set_rng_state
 
@@ -56,6 +56,9 @@ _TAG_RE = re.compile(r"^step_(\d{8,})$")
 # ones too) and our ``rng_rankRRRRR.pt``; files without one (``mp_rank_00_model_states.pt``)
 # are written by rank 0.
 _RANK_RE = re.compile(r"(?:pp_rank_|rng_rank)(\d+)")
+# Free bytes below which a failed write is reported as a full disk (torch.save says only
+# "unexpected pos ..."): less than any checkpoint file of a real model.
+_NEARLY_FULL = 16 << 20
 
 
 def tag_for(step: int) -> str:
@@ -123,9 +126,42 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointSaveError(RunError):
+    """A checkpoint could not be written (a full disk, say); the run stops (exit code 1)."""
+
+
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int,
          rank: int) -> Path:
-    """Save and commit checkpoint ``step`` (call on every rank); returns the tag directory."""
+    """Save and commit checkpoint ``step`` (call on every rank); returns the tag directory.
+
+    Raises CheckpointSaveError, one line, when this rank cannot write its part: the tag stays
+    uncommitted (ignored by resume), and the newest committed checkpoint is untouched.
+    """
+    try:
+        return _save(engine, root, step, client_state, keep_last, rank)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        newest = latest_committed(root)
+        raise CheckpointSaveError(
+            f"checkpoint step {step} could not be written to {root / tag_for(step)} "
+            f"({_why_unwritten(root, e)}); the newest committed checkpoint is "
+            f"{'step ' + str(newest[0]) if newest else 'none'}: free space (or set "
+            "checkpoint.dir), then rerun the same command") from None
+
+
+def _why_unwritten(root: Path, e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if free is not None and free < _NEARLY_FULL:
+        return f"no space left on the device: {free} bytes free"
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int,
+          rank: int) -> Path:
     tag = tag_for(step)
     tag_dir = root / tag
     if rank == 0:
@@ -155,6 +191,9 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
                   "model_config": client_state.get("model_config"),
                   # The layout an elastic resume must adapt to (pipeline/elastic.py).
                   "world_size": engine.dp_world_size, "global_batch": engine.train_batch_size(),
+                  # What a resume names when the family changed (check_compatible).
+                  "model_family": ((client_state.get("run_config") or {}).get("model")
+                                   or {}).get("family"),
                   "manifest_crc32c": manifest.write(tag_dir, files)}
         atomic.write_bytes(tag_dir / MARKER, json.dumps(marker, indent=1).encode())
         atomic.write_bytes(root / LATEST, tag.encode())

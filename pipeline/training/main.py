@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import logging
 
+from zeroforge.data_prep.store import StoreError
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.dist import PreemptionFlag, discover
-from zeroforge.pipeline.errors import EXIT_OK, ConfigError, ZeroforgeError
+from zeroforge.pipeline.errors import (
+    EXIT_OK,
+    ConfigError,
+    RunError,
+    ZeroforgeError,
+    describe_os_error,
+)
 from zeroforge.pipeline.tracking.tracker import tracking_status
 from zeroforge.pipeline.training.loop import fit
 from zeroforge.pipeline.training.process import init_distributed
@@ -38,11 +45,19 @@ def train(cfg: RunConfig) -> int:
         run = setup(cfg, d, device)
     except ZeroforgeError:
         raise
-    except ValueError as e:  # a bad store, model field or weights file: the input is wrong
+    except StoreError as e:  # corrupt or incomplete data: the run cannot start
+        raise RunError(str(e)) from None
+    except ValueError as e:  # a bad model field or weights file: the input is wrong
         raise ConfigError(str(e)) from None
+    except OSError as e:  # the machine: e.g. a read-only run_dir
+        raise RunError(describe_os_error(e)) from None
     try:
         with tracking_status(run.tracker):
             code = fit(run, preempt)
+    except StoreError as e:  # e.g. a chunk failing its checksum, raised by the loader thread
+        raise RunError(f"{e} (`zeroforge verify` checks the whole store)") from None
+    except OSError as e:  # e.g. a full disk under metrics.jsonl
+        raise RunError(describe_os_error(e)) from None
     finally:
         run.loader.close()
         if run.is_main:
