@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,8 @@ class PrepOptions:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        if not self.commit_seconds >= 0:
+            problems.append(f"--commit-seconds must be >= 0, got {self.commit_seconds}")
         return problems
 
     def content_config(self, inputs: Sequence[str], part: tuple[int, int] | None) -> dict[str, Any]:
@@ -193,7 +196,7 @@ def build_store(
         log.info("%s is already complete with these settings: nothing to do", out)
         return done
     # Workers fork from here, before zarr starts its event-loop thread.
-    with BatchEncoder(options.tokenizer, options.workers) as encoder:
+    with BatchEncoder(options.tokenizer, _usable_workers(options.workers)) as encoder:
         group, ledger, writers, held = _open_for_append(out, build_dir, content, enc, options.layout)
         router = _Router(writers, options.val_fraction, guarantee_val=part is None, held=held)
         _run(units, options, encoder, ledger, router, build_dir)
@@ -209,6 +212,17 @@ def build_store(
     group.attrs.update(attrs)
     build_dir.remove()
     return attrs
+
+
+def _usable_workers(asked: int) -> int:
+    """``--workers``, capped at the CPU cores this process may use: more processes only share
+    the same cores (and memory), and the store is the same for any number of workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked > cores:
+        log.warning("--workers %d is more than the %d CPU cores available; using %d", asked, cores,
+                    cores)
+        return cores
+    return asked
 
 
 def _check_existing(out: Path, build_dir: BuildDir, chash: str, overwrite: bool) -> dict[str, Any] | None:

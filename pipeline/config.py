@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from zeroforge.data_prep.store import StoreError, TokenStore
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
@@ -190,7 +191,24 @@ def _check_fields(cls: type, data: dict[str, Any], prefix: str, extra_known: lis
     return out
 
 
-def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
+def _store_vocabulary(data: Any) -> tuple[int, str] | None:
+    """(vocabulary size, ``N tokens (tokenizer T) of the token store S``) of the run's first
+    local store, if its metadata can be read; None otherwise."""
+    data = data if isinstance(data, dict) else {}
+    mixture = data.get("mixture") or []
+    path = data.get("store") or (mixture[0].get("store") if mixture and
+                                 isinstance(mixture[0], dict) else None)
+    if not isinstance(path, str) or "://" in path:
+        return None
+    try:
+        store = TokenStore.open(path, check_shards=False)
+    except (StoreError, OSError):
+        return None
+    return store.vocab_size, (f"{store.vocab_size} tokens (tokenizer {store.tokenizer}) of the "
+                              f"token store {path}")
+
+
+def _model_spec(data: Any, problems: list[str], data_section: Any = None) -> ModelSpec:
     if not isinstance(data, dict):
         problems.append(f"model: expected a mapping, got {type(data).__name__} {data!r}")
         return ModelSpec()
@@ -213,7 +231,13 @@ def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
         try:
             spec.build()
         except (TypeError, ValueError) as e:
-            problems.append(f"model: {e}")
+            vocab = _store_vocabulary(data_section) if "vocab_size" in fields else None
+            if vocab is not None and fields["vocab_size"] < vocab[0]:
+                # The special ids no longer fit: say what vocab_size has to hold.
+                problems.append(f"model.vocab_size: {fields['vocab_size']} is smaller than the "
+                                f"{vocab[1]}; remove the override or raise it ({e})")
+            else:
+                problems.append(f"model: {e}")
     return spec
 
 
@@ -242,7 +266,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
                           f"{type(data).__name__}")
     problems: list[str] = []
     rest = {k: v for k, v in data.items() if k != "model"}
-    spec = _model_spec(data["model"], problems) if "model" in data else ModelSpec()
+    spec = _model_spec(data["model"], problems, data.get("data")) if "model" in data else ModelSpec()
     try:
         cfg = RunConfig.model_validate({**rest, "model": spec})
     except ValidationError as e:

@@ -10,7 +10,13 @@ import logging
 from pathlib import Path
 
 from zeroforge.launch.commands import stdout_to_stderr
-from zeroforge.pipeline.errors import EXIT_OK, ConfigError
+from zeroforge.pipeline.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    ConfigError,
+    ZeroforgeError,
+    describe_os_error,
+)
 
 log = logging.getLogger("zeroforge.export")
 
@@ -25,12 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
-        raise ConfigError(f"--out {out} exists and is not an empty directory (pass --overwrite "
-                          "to write into it)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory (--overwrite only writes "
+                          "into an existing directory); choose another --out")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"--out {out} is not empty (pass --overwrite to write into it)")
     with stdout_to_stderr():
         from zeroforge.pipeline.results.export import export
 
-    tag_dir = export(args.checkpoint, out)
+    try:
+        tag_dir = export(args.checkpoint, out)
+    except OSError as e:  # e.g. a read-only or full --out
+        raise ZeroforgeError(f"cannot write the export: {describe_os_error(e, out)}",
+                             EXIT_FAILED) from None
     log.info("exported %s to %s", tag_dir, out)
     return EXIT_OK

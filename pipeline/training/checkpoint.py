@@ -242,14 +242,20 @@ class ResumeError(RunError):
 
 
 def check_compatible(saved: dict[str, Any], model_config: dict[str, Any], fingerprint: str,
-                     where: str) -> None:
-    """Refuse a checkpoint written for a different model config or token store."""
+                     where: str, family: str | None = None) -> None:
+    """Refuse a checkpoint written for a different model family or config or token store."""
     problems = []
     if saved.get("format_version") != FORMAT_VERSION:
         problems.append(f"checkpoint format {saved.get('format_version')!r} is not "
                         f"{FORMAT_VERSION}")
     old_model = saved.get("model_config")
-    if old_model != model_config:
+    old_family = saved.get("model_family")
+    if family is not None and old_family is not None and old_family != family:
+        problems.append(f"model.family: {old_family!r} -> {family!r}")  # every field differs
+    elif old_model is not None and set(old_model) != set(model_config):
+        problems.append("model.family changed (the checkpoint's model config has other fields: "
+                        f"{', '.join(sorted(set(old_model) ^ set(model_config)))})")
+    elif old_model != model_config:
         changed = sorted(k for k in set(old_model or {}) | set(model_config)
                          if (old_model or {}).get(k) != model_config.get(k))
         problems.append("the model config changed (" + ", ".join(

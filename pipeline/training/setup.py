@@ -126,7 +126,7 @@ def _resume(cfg: RunConfig, d: DistEnv, engine: Any, plan: ResumePlan, ckpt_dir:
         log.info("resuming from %s", ckpt_dir / tag)
     # Refuse a different model or store before DeepSpeed tries (and fails) to load it.
     ckpt.check_compatible(ckpt.read_marker(ckpt_dir, tag), model_config.to_dict(), fingerprint,
-                          str(ckpt_dir / tag))
+                          str(ckpt_dir / tag), family=cfg.model.family)
     client = plan.load(engine, ckpt_dir, tag, d.rank)
     state = LoopState.from_dict(client.get("loop", {}))
     if state.step != step:
