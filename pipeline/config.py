@@ -274,7 +274,9 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         cfg = None
     if cfg is not None and not problems:
         problems += _value_problems(cfg)
-    if problems:
+    if len(problems) == 1:
+        raise ConfigError(f"invalid run config: {problems[0]}")
+    if problems:  # one line each
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
     assert cfg is not None
     return cfg
