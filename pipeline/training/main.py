@@ -58,6 +58,12 @@ def train(cfg: RunConfig) -> int:
         raise RunError(f"{e} (`zeroforge verify` checks the whole store)") from None
     except OSError as e:  # e.g. a full disk under metrics.jsonl
         raise RunError(describe_os_error(e)) from None
+    except RuntimeError:
+        if preempt.interrupts:
+            # Ctrl-C was pressed: another rank took it as the second one and aborted, so this
+            # rank's collective lost its peer. An interruption, not a crash.
+            raise KeyboardInterrupt from None
+        raise
     finally:
         run.loader.close()
         if run.is_main:
