@@ -140,24 +140,26 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_
     try:
         return _save(engine, root, step, client_state, keep_last, rank)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = _why_unwritten(root, e)
+        if reason is None:  # not the disk (e.g. a collective whose peer died): a crash
+            raise
         newest = latest_committed(root)
         raise CheckpointSaveError(
             f"checkpoint step {step} could not be written to {root / tag_for(step)} "
-            f"({_why_unwritten(root, e)}); the newest committed checkpoint is "
+            f"({reason}); the newest committed checkpoint is "
             f"{'step ' + str(newest[0]) if newest else 'none'}: free space (or set "
             "checkpoint.dir), then rerun the same command") from None
 
 
-def _why_unwritten(root: Path, e: BaseException) -> str:
+def _why_unwritten(root: Path, e: BaseException) -> str | None:
+    """What kept a save from being written, when it was the file system."""
     if isinstance(e, OSError):
         return describe_os_error(e)
     try:
         free = shutil.disk_usage(root).free
     except OSError:
-        free = None
-    if free is not None and free < _NEARLY_FULL:
-        return f"no space left on the device: {free} bytes free"
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return None
+    return f"no space left on the device: {free} bytes free" if free < _NEARLY_FULL else None
 
 
 def _save(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int,
