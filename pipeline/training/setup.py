@@ -19,6 +19,7 @@ from zeroforge.pipeline.data.windows import open_stores, store_fingerprint
 from zeroforge.pipeline.dist import DistEnv
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.results.weights import init_from
+from zeroforge.pipeline.tasks.base import Task
 from zeroforge.pipeline.tracking.base import Tracker
 from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.params import run_params
@@ -137,7 +138,7 @@ def _resume(cfg: RunConfig, d: DistEnv, engine: Any, plan: ResumePlan, ckpt_dir:
     return state, client
 
 
-def _validation(cfg: RunConfig, task: Any, d: DistEnv) -> list[dict]:
+def _validation(cfg: RunConfig, task: Task, d: DistEnv) -> list[dict]:
     """This rank's evaluation batches; none (evaluation off, with a warning) when the store's
     val split is too small for a window, unless early stopping needs them."""
     try:
