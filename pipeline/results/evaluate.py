@@ -126,9 +126,6 @@ def _load_on_ranks(cfg: RunConfig, d: DistEnv, tag_dir: Path) -> tuple[Any, Task
     model_config = cfg.build_model_config()
     model = registry.family_of(model_config).build(model_config)
     engine = build_engine(model, cfg.ds_config(d.world_size, detect_device()), cfg.optim)
-    problems = ckpt.verify_on_ranks(tag_dir, d.rank)
-    if problems:
-        raise ckpt.CorruptCheckpointError(ckpt.corrupt_message(tag_dir, problems))
     client = ckpt.load(engine, tag_dir.parent, tag_dir.name, d.rank, module_only=True)
     ckpt.check_compatible(client, model_config.to_dict(), fingerprint, str(tag_dir))
     task = registry.make_task(cfg.task_name, cfg.data, model_config)

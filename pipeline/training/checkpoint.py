@@ -19,10 +19,11 @@ SIGKILL during the save) is ignored by resume and deleted at the next save. Resu
 rather than starting over, when a committed checkpoint exists but cannot be loaded or was
 written for another model or token store.
 
-Integrity: nothing reads a committed checkpoint's files before checking them against its
-manifest (``verify_tag``; on several ranks ``verify_on_ranks`` shares the work out). Resume
-takes the newest checkpoint that verifies: a corrupt newer one is renamed ``<tag>.corrupt-<time>``
-(kept for inspection, never tried again) with a loud warning (``choose_resume``).
+Integrity: what is read from a committed checkpoint is checked against its manifest before it
+is used (``verify_tag``; on several ranks ``PendingCheck`` shares the files out, and ``load``
+runs it beside DeepSpeed's reads at ZeRO 0-2, before them at ZeRO-3). A resume that finds its checkpoint corrupt sets it aside
+(``set_aside``: renamed ``<tag>.corrupt-<time>``, kept for inspection, never tried again) and
+takes the previous one (training/setup.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import logging
 import pickle
 import re
 import shutil
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -115,9 +117,11 @@ def read_marker(root: Path, tag: str) -> dict[str, Any]:
     try:
         marker = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
-        raise ResumeError(f"{path}: unreadable commit marker ({e})") from None
+        raise CorruptCheckpointError(f"{path}: unreadable commit marker ({e})",
+                                     tag_dir=root / tag) from None
     if not isinstance(marker, dict):
-        raise ResumeError(f"{path}: unreadable commit marker (not a JSON object)")
+        raise CorruptCheckpointError(f"{path}: unreadable commit marker (not a JSON object)",
+                                     tag_dir=root / tag)
     return marker
 
 
@@ -271,26 +275,46 @@ def check_compatible(saved: dict[str, Any], model_config: dict[str, Any], finger
                           ". Use a new run_dir to start a different run.")
 
 
-def load(engine: Any, root: Path, tag: str, rank: int, module_only: bool = False
-         ) -> dict[str, Any]:
+def load(engine: Any, root: Path, tag: str, rank: int, module_only: bool = False,
+         check: bool = True) -> dict[str, Any]:
     """Load ``tag`` into ``engine`` and restore this rank's RNG; returns the client state.
 
     ``module_only`` (evaluation) loads just the weights, which also works with another world
-    size for ZeRO 0-2.
+    size for ZeRO 0-2. ``check``: the files are checked against the manifest (collective), and
+    nothing loaded is used before every rank's share has passed: a mismatch raises
+    CorruptCheckpointError naming the file, on every rank. At ZeRO 0-2 the check runs on the
+    cores DeepSpeed's reads leave, beside them (``PendingCheck``): run one after the other it
+    adds 10-30% to a load from the page cache (benchmarks/checkpoint_verify.py; with no spare
+    core, beside costs as much, docs/performance.md). That is safe because DeepSpeed's load has
+    no collective there: a rank whose read of a damaged file failed still meets its peers in
+    the check's gather. At ZeRO-3 the load ends in one (gathering the persistent parameters),
+    which such a rank would skip, so the check runs first. ``check=False`` is for a universal
+    conversion, made by rank 0 from a checked tag and checked by it (training/elastic.py).
     """
-    where = str(root / tag)
+    where = root / tag
+    pending = None
+    if check and engine.zero_optimization_partition_weights():
+        _refuse_corrupt(where, verify_on_ranks(where, rank))
+    elif check:
+        # One core fewer than there are for the check: DeepSpeed's reads keep one.
+        pending = PendingCheck(where, rank, threads=max(1, manifest.usable_cores() - 1))
+    failure: Exception | None = None
     try:
         path, client = engine.load_checkpoint(str(root), tag=tag,
                                               load_optimizer_states=not module_only,
                                               load_lr_scheduler_states=False,
                                               load_module_only=module_only)
     except Exception as e:  # noqa: BLE001 -- any failure must stop the run, with the cause
-        raise ResumeError(f"committed checkpoint {where} could not be loaded ({e}); refusing to "
-                          "start over: fix or move it away") from e
+        failure, path, client = e, None, None
+    if pending is not None:  # collective: every rank, whether its own load failed or not
+        _refuse_corrupt(where, pending.problems())  # corrupt bytes explain a failed load too
+    if failure is not None:
+        raise ResumeError(f"committed checkpoint {where} could not be loaded ({failure}); "
+                          "refusing to start over: fix or move it away") from failure
     if path is None or client is None:
         raise ResumeError(f"committed checkpoint {where} could not be loaded; refusing to "
                           "start over: fix or move it away")
-    rng_path = root / tag / f"rng_rank{rank:05d}.pt"
+    rng_path = where / f"rng_rank{rank:05d}.pt"
     if module_only:
         pass
     elif rng_path.is_file():
@@ -312,14 +336,21 @@ def _load_rng(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- integrity
 
 
-class CorruptCheckpointError(RunError):
-    """A committed checkpoint whose files do not match its manifest (exit code 1)."""
+class CorruptCheckpointError(ResumeError):
+    """A committed checkpoint whose files do not match its manifest (exit code 1). ``tag_dir``
+    is set when a resume may set the checkpoint aside and go back to the previous one."""
+
+    def __init__(self, message: str, tag_dir: Path | None = None) -> None:
+        super().__init__(message)
+        self.tag_dir = tag_dir
 
 
-def verify_tag(tag_dir: Path, names: list[str] | None = None) -> list[str]:
-    """Problems of a committed tag against its manifest (``names``: only those files), each
-    naming its file; empty when sound. A tag committed before checkpoints had manifests has
-    nothing to check against: a warning says so, and it counts as sound."""
+def verify_tag(tag_dir: Path, names: list[str] | None = None, threads: int | None = None
+               ) -> list[str]:
+    """Problems of a committed tag against its manifest (``names``: only those files; read on
+    ``threads`` threads), each naming its file; empty when sound. A tag committed before
+    checkpoints had manifests has nothing to check against: a warning says so, and it counts
+    as sound."""
     try:
         marker = read_marker(tag_dir.parent, tag_dir.name)
     except ResumeError as e:
@@ -332,24 +363,55 @@ def verify_tag(tag_dir: Path, names: list[str] | None = None) -> list[str]:
         files = manifest.read(tag_dir, marker["manifest_crc32c"])
     except manifest.ManifestError as e:
         return [str(e)]
-    return manifest.check(tag_dir, files, names)
+    return manifest.check(tag_dir, files, names, threads)
+
+
+class PendingCheck:
+    """This rank's share of a tag's check against its manifest, on a thread of its own (reads
+    and CRCs release the GIL; ``threads``: how many it reads on, default every usable core up
+    to 8): each rank checks its own files and a share of the shared ones. ``problems()`` waits
+    for it and gathers every rank's result (collective: call it on every rank, once); every
+    rank gets the same list, so all ranks raise or go on together."""
+
+    def __init__(self, tag_dir: Path, rank: int, threads: int | None = None) -> None:
+        self.tag_dir, self.world, self._threads = tag_dir, _world(), threads
+        names = None if self.world == 1 else self._share(rank)
+        self._result: list[str] = []
+        self._thread = threading.Thread(target=self._run, args=(names,), daemon=True,
+                                        name=f"zeroforge-check-rank{rank}")
+        self._thread.start()
+
+    def _share(self, rank: int) -> list[str]:
+        try:
+            marker = read_marker(self.tag_dir.parent, self.tag_dir.name)
+            names = sorted(manifest.read(self.tag_dir, marker.get("manifest_crc32c")))
+        except (ResumeError, manifest.ManifestError):
+            names = []  # the manifest itself is bad: verify_tag reports it on every rank
+        return [n for n in names if _owner(n, self.world) == rank]
+
+    def _run(self, names: list[str] | None) -> None:
+        try:
+            self._result = verify_tag(self.tag_dir, names, self._threads)
+        except Exception as e:  # noqa: BLE001 -- reported like any other problem
+            self._result = [f"{self.tag_dir}: cannot be checked ({type(e).__name__}: {e})"]
+
+    def problems(self) -> list[str]:
+        self._thread.join()
+        if self.world == 1:
+            return self._result
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, self._result)
+        return sorted({p for part in parts for p in part})
 
 
 def verify_on_ranks(tag_dir: Path, rank: int) -> list[str]:
-    """``verify_tag`` with the files shared out over the ranks (collective): each rank checks
-    its own files and a share of the others, and every rank returns the same problems."""
-    world = _world()
-    if world == 1:
-        return verify_tag(tag_dir)
-    try:
-        marker = read_marker(tag_dir.parent, tag_dir.name)
-        names = sorted(manifest.read(tag_dir, marker.get("manifest_crc32c")))
-    except (ResumeError, manifest.ManifestError):
-        names = []  # the manifest itself is bad: each rank reports it below
-    mine = verify_tag(tag_dir, [n for n in names if _owner(n, world) == rank])
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, mine)
-    return sorted({p for part in parts for p in part})
+    """``verify_tag`` with the files shared out over the ranks (collective)."""
+    return PendingCheck(tag_dir, rank).problems()
+
+
+def _refuse_corrupt(tag_dir: Path, problems: list[str]) -> None:
+    if problems:
+        raise CorruptCheckpointError(corrupt_message(tag_dir, problems), tag_dir=tag_dir)
 
 
 def corrupt_message(tag_dir: Path, problems: list[str]) -> str:
@@ -358,35 +420,18 @@ def corrupt_message(tag_dir: Path, problems: list[str]) -> str:
     return f"corrupt checkpoint: {problems[0]}{more}"
 
 
-def choose_resume(root: Path, rank: int) -> tuple[tuple[int, str] | None, list[str]]:
-    """The newest committed checkpoint that verifies (collective), and a line for each corrupt
-    newer one, which rank 0 has renamed ``<tag>.corrupt-<unix time>`` so that no later start
-    tries it again. Raises CorruptCheckpointError when every committed checkpoint is corrupt:
-    a run never starts over on its own."""
-    tags, corrupt = committed(root), []
-    for step, tag in reversed(tags):
-        problems = verify_on_ranks(root / tag, rank)
-        if not problems:
-            if corrupt and rank == 0:
-                atomic.write_bytes(root / LATEST, tag.encode())
-            _barrier()
-            return (step, tag), corrupt
-        corrupt.append(corrupt_message(root / tag, problems))
-        if rank == 0:
-            log.error("%s; set aside as %s", corrupt[-1], _quarantine(root / tag).name)
-        _barrier()
-    if corrupt:
-        raise CorruptCheckpointError(
-            f"every committed checkpoint in {root} is corrupt ({corrupt[0]}); refusing to start "
-            "over: restore a good copy, or move the directory away to start a new run")
-    return None, []
-
-
-def _quarantine(tag_dir: Path) -> Path:
-    """Rename a corrupt tag out of the way (its name no longer parses as a tag)."""
-    stamp, n = int(time.time()), 0
-    while (target := tag_dir.with_name(f"{tag_dir.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
-           ).exists():
-        n += 1
-    tag_dir.rename(target)
-    return target
+def set_aside(tag_dir: Path, rank: int) -> None:
+    """Rank 0 renames a corrupt tag ``<tag>.corrupt-<unix time>`` (no longer a tag: never tried
+    again, never pruned, kept for inspection) and points ``latest`` at the newest committed
+    one left; every rank returns together (collective)."""
+    if rank == 0:
+        stamp, n = int(time.time()), 0
+        while (target := tag_dir.with_name(f"{tag_dir.name}.corrupt-{stamp}"
+                                           + (f"-{n}" if n else ""))).exists():
+            n += 1
+        tag_dir.rename(target)
+        log.error("%s set aside as %s", tag_dir, target.name)
+        newest = latest_committed(tag_dir.parent)
+        if newest is not None:
+            atomic.write_bytes(tag_dir.parent / LATEST, newest[1].encode())
+    _barrier()

@@ -126,15 +126,16 @@ class ResumePlan:
             return ckpt.load(engine, root, tag, rank)
         assert self.tag_dir == root / tag, (self.tag_dir, root / tag)
         universal = ensure_universal(self.tag_dir, rank)
-        client = ckpt.load(engine, self.tag_dir, UNIVERSAL_DIR, rank)
+        # Checked by rank 0 (ensure_universal); it has no commit marker of its own.
+        client = ckpt.load(engine, self.tag_dir, UNIVERSAL_DIR, rank, check=False)
         _repair_optimizer(engine, universal)
         return client
 
 
 def plan_resume(ckpt_dir: Path, latest: tuple[int, str] | None, micro_batch: int,
                 grad_accum: int, world_size: int, rank: int) -> ResumePlan:
-    """Compare the layout of ``latest`` (the checkpoint to resume: training/checkpoint.py's
-    ``choose_resume``) with this launch (call on every rank, before the engine is built:
+    """Compare the layout of ``latest`` (the newest committed checkpoint: training/setup.py)
+    with this launch (call on every rank, before the engine is built:
     DeepSpeed's config depends on the result)."""
     if latest is None:
         return ResumePlan(world_size=world_size)
@@ -160,19 +161,25 @@ def ensure_universal(tag_dir: Path, rank: int) -> Path:
     Raises ResumeError on every rank when the conversion fails on rank 0.
     """
     out = tag_dir / UNIVERSAL_DIR
-    error = None
+    error, corrupt = None, None
     if rank == 0 and out.is_dir() and (problems := manifest.verify(out)):
-        # Derived from the verified checkpoint: convert it again rather than load bad bytes.
+        # Derived from a checked checkpoint: convert it again rather than load bad bytes.
         log.warning("%s: %s; converting again", out, problems[0])
         shutil.rmtree(out)
     if rank == 0 and not out.is_dir():
-        try:
-            _convert(tag_dir, out)
-        except Exception as e:  # noqa: BLE001 -- reported on every rank below
-            error = f"{type(e).__name__}: {e}"
-    box: list[Any] = [error]
+        # The converter reads every file of the tag: check them all first.
+        if problems := ckpt.verify_tag(tag_dir):
+            corrupt = ckpt.corrupt_message(tag_dir, problems)
+        else:
+            try:
+                _convert(tag_dir, out)
+            except Exception as e:  # noqa: BLE001 -- reported on every rank below
+                error = f"{type(e).__name__}: {e}"
+    box: list[Any] = [error, corrupt]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ckpt.CorruptCheckpointError(box[1], tag_dir=tag_dir)
     if box[0] is not None:
         raise ckpt.ResumeError(f"cannot convert {tag_dir} for a different world size: "
                                f"{box[0]}")

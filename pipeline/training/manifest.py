@@ -54,14 +54,19 @@ def _segment_crc(fd: int, offset: int, length: int) -> int:
     return crc
 
 
-def file_entries(paths: list[Path]) -> list[Entry]:
-    """Size and CRC-32C of each file; all their segments are read on one thread pool."""
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def file_entries(paths: list[Path], threads: int | None = None) -> list[Entry]:
+    """Size and CRC-32C of each file; all their segments are read on one thread pool of
+    ``threads`` (default: the usable cores, at most 8)."""
     fds = [os.open(p, os.O_RDONLY) for p in paths]
     try:
         sizes = [os.fstat(fd).st_size for fd in fds]
         segments = [(i, off, min(_SEGMENT, size - off))
                     for i, size in enumerate(sizes) for off in range(0, size, _SEGMENT)]
-        threads = max(1, min(_MAX_THREADS, len(os.sched_getaffinity(0)), len(segments)))
+        threads = max(1, min(threads or _MAX_THREADS, usable_cores(), len(segments)))
         with ThreadPoolExecutor(threads) as pool:
             crcs = list(pool.map(lambda seg: _segment_crc(fds[seg[0]], seg[1], seg[2]),
                                  segments))
@@ -120,8 +125,8 @@ def read(directory: Path, expected_crc: str | None = None) -> dict[str, Entry]:
     return files
 
 
-def check(directory: Path, files: dict[str, Entry], names: Iterable[str] | None = None
-          ) -> list[str]:
+def check(directory: Path, files: dict[str, Entry], names: Iterable[str] | None = None,
+          threads: int | None = None) -> list[str]:
     """Problems of the listed files ``names`` (default: all), each naming its file: missing,
     truncated or grown (by size, without reading it), or a checksum mismatch."""
     problems, to_read = [], []
@@ -141,7 +146,7 @@ def check(directory: Path, files: dict[str, Entry], names: Iterable[str] | None 
             continue
         to_read.append((path, want))
     try:
-        got = file_entries([path for path, _ in to_read])
+        got = file_entries([path for path, _ in to_read], threads)
     except OSError as e:
         return problems + [f"{directory}: cannot be read ({e})"]
     for (path, want), entry in zip(to_read, got, strict=True):

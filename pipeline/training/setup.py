@@ -3,6 +3,7 @@ committed checkpoint (or ``init_from`` weights for a fresh run)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -52,7 +53,31 @@ def _all_gather_strings(value: str, world: int) -> list[str]:
 
 
 def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
-    """Build model, engine, data and tracker; resume from the newest committed checkpoint."""
+    """Build model, engine, data and tracker; resume from the newest committed checkpoint.
+
+    A checkpoint whose files turn out corrupt while it loads is set aside and the one before it
+    tried, with a fresh engine: never training from bad bytes, never starting over on its own
+    (docs/training.md). Every rank sees the same verdict, so all retry together.
+    """
+    ckpt_dir = cfg.checkpoint.path(Path(cfg.run_dir))
+    corrupt: list[str] = []
+    while True:
+        try:
+            return _setup(cfg, d, device, corrupt)
+        except ckpt.CorruptCheckpointError as e:
+            if e.tag_dir is None:
+                raise
+            corrupt.append(str(e))
+            ckpt.set_aside(e.tag_dir, d.rank)
+        gc.collect()  # the failed attempt's engine, before building the next one
+        if not ckpt.committed(ckpt_dir):
+            raise ckpt.CorruptCheckpointError(
+                f"every committed checkpoint in {ckpt_dir} is corrupt ({corrupt[0]}); refusing "
+                "to start over: restore a good copy, or move the directory away to start a new "
+                "run")
+
+
+def _setup(cfg: RunConfig, d: DistEnv, device: str, corrupt: list[str]) -> Run:
     run_dir = Path(cfg.run_dir)
     ckpt_dir = cfg.checkpoint.path(run_dir)
     fingerprint, vocab, tokenizer = store_info(open_stores(cfg.data))
@@ -60,8 +85,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str) -> Run:
     if model_config.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
                           f"token store's vocabulary ({vocab}, tokenizer {tokenizer})")
-    # The newest committed checkpoint whose files verify (a corrupt newer one is set aside).
-    latest, corrupt = ckpt.choose_resume(ckpt_dir, d.rank)
+    latest = ckpt.latest_committed(ckpt_dir)
     # A checkpoint from another world size: keep its global batch, load it re-partitioned.
     plan = plan_resume(ckpt_dir, latest, cfg.train.micro_batch_size, cfg.train.grad_accum,
                        d.world_size, d.rank)

@@ -3,10 +3,13 @@
 - Every committed tag carries a manifest of every rank's files (gathered to rank 0 before the
   commit), and `zeroforge verify` accepts the run directory, the checkpoint directory and a tag.
 - A flipped byte in rank 1's optimizer shard of the newest checkpoint: the relaunch notices it
-  before loading anything (rank 1 checks its own shard, all ranks agree), sets that checkpoint
-  aside, resumes from the previous one with a loud warning and an MLflow tag, and reproduces
-  the original run's losses bitwise: it never trained from the bad bytes.
+  while DeepSpeed reads (rank 1 checks its own shard beside the load, all ranks agree before
+  anything loaded is used), sets that checkpoint aside, resumes from the previous one with a
+  fresh engine, a loud warning and an MLflow tag, and reproduces the original run's losses
+  bitwise: it never trained from the bad bytes.
 - When every committed checkpoint is corrupt the run refuses to start over: exit 1, one line.
+- At ZeRO-3, where DeepSpeed's load ends in a collective, a shard only rank 1 reads, cut short
+  (DeepSpeed would fail to read it on rank 1 alone), is refused by both ranks together.
 """
 
 from __future__ import annotations
@@ -113,3 +116,27 @@ def test_every_checkpoint_corrupt_refuses_to_start_over(fallback, tiny_store, tm
     assert "mp_rank_00_model_states.pt: truncated (100 bytes" in last
     assert "refusing to start over" in last and "Traceback" not in result.output
     assert max(losses(result.metrics())) == 4, "nothing trained"
+
+
+def test_zero3_shard_of_one_rank_cut_short_is_refused_by_every_rank(tiny_store, tmp_path):
+    # Before the check ran ahead of DeepSpeed's load at ZeRO-3, rank 1 failed to read its shard
+    # and met rank 0 (gathering the persistent parameters) in the check's gather: the ranks
+    # were left in different collectives.
+    run_dir = tmp_path / "run"
+
+    def overrides(steps):
+        return tiny_overrides(tiny_store, run_dir, **{
+            "deepspeed.zero_optimization.stage": 3, "train.max_steps": steps,
+            "checkpoint.every": 2})
+
+    first = launch(run_dir, overrides(2))
+    assert first.returncode == 0, first.output[-4000:]
+    (shard,) = (run_dir / "checkpoints" / ckpt.tag_for(2)).glob("zero_pp_rank_1_*optim_states.pt")
+    os.truncate(shard, shard.stat().st_size // 2)
+    again = launch(run_dir, overrides(4))
+    assert again.returncode == EXIT_FAILED, again.output[-4000:]
+    refusals = [line for line in again.output.splitlines()
+                if "error: every committed checkpoint in" in line]
+    assert refusals and all(f"{shard}: truncated" in line for line in refusals), refusals
+    assert len(list((run_dir / "checkpoints").glob("step_00000002.corrupt-*"))) == 1
+    assert max(losses(again.metrics())) == 2, "nothing trained"

@@ -5,8 +5,8 @@ and resuming through a real engine: tests/e2e/test_checkpoint_integrity.py).
   into segments for the thread pool;
 - a flipped byte, a truncated, grown or missing file, and a damaged manifest are each one
   problem naming the file;
-- resume takes the newest checkpoint that verifies, sets a corrupt one aside for good, and
-  refuses when every committed checkpoint is corrupt.
+- a corrupt checkpoint is set aside for good (resume then takes the previous one:
+  tests/e2e/test_checkpoint_integrity.py).
 """
 
 from __future__ import annotations
@@ -104,40 +104,45 @@ def test_a_truncated_file_is_caught_without_reading_it(tmp_path, monkeypatch):
     os.truncate(tag / "mp_rank_00_model_states.pt", 10)
     read = []
     real = manifest.file_entries
-    monkeypatch.setattr(manifest, "file_entries", lambda paths: read.extend(paths) or real(paths))
+    monkeypatch.setattr(manifest, "file_entries",
+                        lambda paths, threads=None: read.extend(paths) or real(paths, threads))
     ckpt.verify_tag(tag)
     assert tag / "mp_rank_00_model_states.pt" not in read
 
 
-def test_resume_falls_back_past_a_corrupt_checkpoint_and_sets_it_aside(tmp_path, caplog):
+def test_a_corrupt_checkpoint_is_set_aside_for_good(tmp_path, caplog):
     for step in (5, 10, 15):
         _tag(tmp_path, step)
     _flip(tmp_path / ckpt.tag_for(15) / "mp_rank_00_model_states.pt", 7)
+    problems = ckpt.verify_on_ranks(tmp_path / ckpt.tag_for(15), rank=0)
+    assert len(problems) == 1 and "step_00000015/mp_rank_00_model_states.pt: checksum" in problems[0]
     with caplog.at_level(logging.ERROR):
-        chosen, corrupt = ckpt.choose_resume(tmp_path, rank=0)
-    assert chosen == (10, "step_00000010")
-    assert len(corrupt) == 1 and "step_00000015/mp_rank_00_model_states.pt: checksum" in corrupt[0]
+        ckpt.set_aside(tmp_path / ckpt.tag_for(15), rank=0)
     aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("step_00000015.corrupt-")]
     assert len(aside) == 1 and "set aside as " + aside[0] in caplog.text
-    # Never tried again: the next start finds the good one at once, and pruning ignores it.
+    # Never tried again (no longer a tag), never pruned; `latest` names the newest one left.
     assert [s for s, _ in ckpt.committed(tmp_path)] == [5, 10]
-    assert ckpt.choose_resume(tmp_path, rank=0) == ((10, "step_00000010"), [])
     assert (tmp_path / ckpt.LATEST).read_text() == "step_00000010"
+    ckpt._prune(tmp_path, keep_last=1)
+    assert (tmp_path / aside[0]).is_dir()
+    # The same step set aside twice (trained again, corrupt again) keeps both copies.
+    _tag(tmp_path, 15)
+    ckpt.set_aside(tmp_path / ckpt.tag_for(15), rank=0)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("step_00000015.")]) == 2
 
 
-def test_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path):
-    for step in (5, 10):
-        tag = _tag(tmp_path, step)
-        os.truncate(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 0)
-    with pytest.raises(ckpt.CorruptCheckpointError, match="every committed checkpoint in .* is "
-                                                          "corrupt .* refusing to start over"):
-        ckpt.choose_resume(tmp_path, rank=0)
-    assert ckpt.committed(tmp_path) == []  # both set aside: a requeue would not retry them
+def test_a_check_runs_beside_the_caller_and_reports_on_join(tmp_path):
+    tag = _tag(tmp_path, 5)
+    os.truncate(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt", 0)
+    pending = ckpt.PendingCheck(tag, rank=0)
+    (tag / "unrelated").write_bytes(b"the caller goes on meanwhile")
+    assert pending.problems() == [
+        f"{tag / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'}: truncated (0 bytes, the manifest "
+        "says 5000)"]
 
 
-def test_no_checkpoint_and_legacy_checkpoint(tmp_path, caplog):
-    assert ckpt.choose_resume(tmp_path / "none", rank=0) == (None, [])
-    _tag(tmp_path, 3, legacy=True)  # committed before checkpoints had manifests
+def test_legacy_checkpoint_counts_as_sound_with_a_warning(tmp_path, caplog):
+    tag = _tag(tmp_path, 3, legacy=True)  # committed before checkpoints had manifests
     with caplog.at_level(logging.WARNING):
-        assert ckpt.choose_resume(tmp_path, rank=0) == ((3, "step_00000003"), [])
+        assert ckpt.verify_tag(tag) == []
     assert "before checkpoints had manifests" in caplog.text
