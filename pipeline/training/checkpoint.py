@@ -285,9 +285,9 @@ def load(engine: Any, root: Path, tag: str, rank: int, module_only: bool = False
     CorruptCheckpointError naming the file, on every rank. At ZeRO 0-2 the check runs on the
     cores DeepSpeed's reads leave, beside them (``PendingCheck``): run one after the other it
     adds 10-30% to a load from the page cache (benchmarks/checkpoint_verify.py; with no spare
-    core, beside costs as much, docs/performance.md). That is safe because DeepSpeed's load has
-    no collective there: a rank whose read of a damaged file failed still meets its peers in
-    the check's gather. At ZeRO-3 the load ends in one (gathering the persistent parameters),
+    core, beside costs as much or more: docs/performance.md). That is safe because DeepSpeed's
+    load has no collective there: a rank whose read of a damaged file failed still meets its
+    peers in the check's gather. At ZeRO-3 the load ends in one (gathering the persistent parameters),
     which such a rank would skip, so the check runs first. ``check=False`` is for a universal
     conversion, made by rank 0 from a checked tag and checked by it (training/elastic.py).
     """
