@@ -17,6 +17,10 @@ import json
 from zeroforge.launch.commands import stdout_to_stderr
 from zeroforge.pipeline.errors import EXIT_OK, ConfigError
 
+# Said after a second Ctrl-C (the first one checkpoints and exits 75: pipeline/dist.py).
+INTERRUPTED = ("stopped without a checkpoint; rerun the same command to resume from the newest "
+               "committed one")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,

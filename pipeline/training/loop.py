@@ -44,7 +44,7 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
                       "train/skipped_steps": state.skipped_steps,
                       **debug.step_metrics(run.engine, batches, run.dist.world_size, run.device)}
         due = cfg.eval_every and state.step % cfg.eval_every == 0 or at_end
-        if due and run.cfg.data.val_windows > 0:
+        if due and run.val:  # none: data.val_windows is 0, or the val split is too small
             result = run_eval(run)
             record = (record or {"step": state.step}) | result
             stop_reason = _early_stopping(run, result["val/loss"], at_end)

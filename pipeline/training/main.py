@@ -10,9 +10,17 @@ from __future__ import annotations
 import logging
 import shutil
 
+from zeroforge.data_prep.storage import StorageError
+from zeroforge.data_prep.store import StoreError
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.dist import PreemptionFlag, discover
-from zeroforge.pipeline.errors import EXIT_OK, ConfigError, ZeroforgeError
+from zeroforge.pipeline.errors import (
+    EXIT_OK,
+    ConfigError,
+    RunError,
+    ZeroforgeError,
+    describe_os_error,
+)
 from zeroforge.pipeline.results.export import export, model_tags
 from zeroforge.pipeline.tracking.tracker import tracking_status
 from zeroforge.pipeline.training.loop import fit
@@ -47,19 +55,35 @@ def train(cfg: RunConfig) -> int:
     """Run this process's rank (call once per rank); returns the exit code."""
     d = discover()
     _quiet_other_ranks(d.rank)
-    preempt = PreemptionFlag().install()
+    preempt = PreemptionFlag(announce=d.rank == 0).install()
     device = init_distributed(d)
     try:
         run = setup(cfg, d, device)
     except ZeroforgeError:
         raise
-    except ValueError as e:  # a bad store, model field or weights file: the input is wrong
+    except (StoreError, StorageError) as e:  # corrupt, incomplete or unreachable data
+        raise RunError(str(e)) from None
+    except ValueError as e:  # a bad model field or weights file: the input is wrong
         raise ConfigError(str(e)) from None
+    except OSError as e:  # the machine: e.g. a read-only run_dir
+        raise RunError(describe_os_error(e)) from None
     try:
         with tracking_status(run.tracker):
             code = fit(run, preempt)
             if code == EXIT_OK and run.is_main and cfg.tracking.register_model:
                 _register_final_model(run, cfg.tracking.register_model)
+    except StoreError as e:  # e.g. a chunk failing its checksum, raised by the loader thread
+        raise RunError(f"{e} (`zeroforge verify` checks the whole store)") from None
+    except StorageError as e:  # a store on S3 that fails mid-run (server, network, credentials)
+        raise RunError(str(e)) from None
+    except OSError as e:  # e.g. a full disk under metrics.jsonl
+        raise RunError(describe_os_error(e)) from None
+    except RuntimeError:
+        if preempt.interrupts:
+            # Ctrl-C was pressed: another rank took it as the second one and aborted, so this
+            # rank's collective lost its peer. An interruption, not a crash.
+            raise KeyboardInterrupt from None
+        raise
     finally:
         run.loader.close()
         if run.is_main:
