@@ -36,7 +36,7 @@ from .store import (
     create_split_arrays,
 )
 from .tokenize import BatchEncoder, get_encoding, token_dtype
-from .writer import BuildDir, Ledger, SplitState, SplitWriter, truncate_array
+from .writer import HELD, BuildDir, Ledger, SplitState, SplitWriter, truncate_array
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,16 @@ class PrepError(ValueError):
     """A build that must stop: bad settings, a bad record under --strict, nothing to build."""
 
 
+# Share of documents in the val split by default: every recipe evaluates, so a store built with
+# no options must have one (docs/token-store.md). 1%: enough windows for the recipes' fixed
+# evaluation sets on a small corpus, little taken from a large one.
+DEFAULT_VAL_FRACTION = 0.01
+
+
 @dataclass(frozen=True)
 class PrepOptions:
     tokenizer: str = "gpt2"
-    val_fraction: float = 0.0
+    val_fraction: float = DEFAULT_VAL_FRACTION
     source: SourceOptions = field(default_factory=SourceOptions)
     layout: Layout = field(default_factory=Layout)
     examples: ExampleOptions = field(default_factory=ExampleOptions)  # --format and its fields
@@ -66,6 +72,8 @@ class PrepOptions:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        if not self.commit_seconds >= 0:
+            problems.append(f"--commit-seconds must be >= 0, got {self.commit_seconds}")
         return problems
 
     def content_config(self, inputs: Sequence[str], part: tuple[int, int] | None) -> dict[str, Any]:
@@ -210,16 +218,20 @@ def build_store(
         units = partition(units, part[1])[part[0]]
     content = options.content_config(inputs, part)
     # Workers fork from here, before zarr or the S3 client start threads.
-    with BatchEncoder(options.tokenizer, options.workers, options.examples.is_examples) as encoder:
+    with BatchEncoder(options.tokenizer, _usable_workers(options.workers),
+                      options.examples.is_examples) as encoder:
         build_dir = BuildDir(storage)
         done = _check_existing(storage, build_dir, config_hash(content), options.overwrite)
         if done is not None:
             log.info("%s is already complete with these settings: nothing to do", storage.location)
             return done
-        group, ledger, writers = _open_for_append(storage, build_dir, content, enc, options.layout)
+        group, ledger, writers, held = _open_for_append(storage, build_dir, content, enc,
+                                                        options.layout)
+        router = _Router(writers, options.val_fraction, guarantee_val=part is None, held=held)
         if ledger.final_attrs is None:
-            _run(units, options, encoder, ledger, writers, build_dir)
+            _run(units, options, encoder, ledger, router, build_dir)
     if ledger.final_attrs is None:
+        router.finish()
         if sum(w.n_docs for w in writers.values()) == 0 and part is None:  # an empty part is fine
             storage.delete_prefix("")
             raise PrepError(f"no documents in {', '.join(inputs)} ({sum(ledger.skipped.values())} records skipped)")
@@ -233,6 +245,17 @@ def build_store(
     group.attrs.update(ledger.final_attrs)
     build_dir.remove()
     return ledger.final_attrs
+
+
+def _usable_workers(asked: int) -> int:
+    """``--workers``, capped at the CPU cores this process may use: more processes only share
+    the same cores (and memory), and the store is the same for any number of workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked > cores:
+        log.warning("--workers %d is more than the %d CPU cores available; using %d", asked, cores,
+                    cores)
+        return cores
+    return asked
 
 
 def _check_existing(storage: Storage, build_dir: BuildDir, chash: str, overwrite: bool) -> dict[str, Any] | None:
@@ -265,6 +288,7 @@ def _open_for_append(storage: Storage, build_dir: BuildDir, content: dict[str, A
     """Create the store, or reopen an interrupted build truncated to its last commit."""
     dtype = token_dtype(enc.n_vocab)
     has_mask = "examples" in content
+    held = None
     loaded = build_dir.load() if build_dir.exists() else None
     if loaded is None or (loaded[0].commit == 0 and loaded[0].final_attrs is None):
         ledger, tails = Ledger(config_hash(content), splits={s: SplitState() for s in SPLITS}), {}
@@ -278,12 +302,13 @@ def _open_for_append(storage: Storage, build_dir: BuildDir, content: dict[str, A
         build_dir.write_initial(ledger)
     else:
         ledger, tails = loaded
+        held = tails.pop(HELD, None)  # a document held back from train (_Router), if any
         # Claim the build before touching it: a build still running on it stops at its next
         # commit, and nothing it wrote past that commit counts.
         build_dir.take(ledger)
         group = zarr.open_group(storage.zarr_store(), mode="r+")
         if ledger.final_attrs is not None:  # finished: everything is in place but the flag
-            return group, ledger, {}
+            return group, ledger, {}, None
         # zarr writes every local file as NAME.<uuid>.partial then renames it: a kill leaves the
         # temporary (objects on S3 appear whole or not at all).
         storage.delete([k for k in storage.list("") if k.endswith(".partial")])
@@ -298,11 +323,11 @@ def _open_for_append(storage: Storage, build_dir: BuildDir, content: dict[str, A
         name: SplitWriter(group, name, layout.shard_tokens, layout.offsets_shard, st, tails.get(name, {}))
         for name, st in ledger.splits.items()
     }
-    return group, ledger, writers
+    return group, ledger, writers, held
 
 
 def _run(
-    units, options: PrepOptions, encoder: BatchEncoder, ledger: Ledger, writers: dict[str, SplitWriter], build_dir: BuildDir
+    units, options: PrepOptions, encoder: BatchEncoder, ledger: Ledger, router: _Router, build_dir: BuildDir
 ) -> None:
     records = read_records(units, options.source, options.examples)
     for _ in range(ledger.records_done):  # already committed: re-read, don't re-tokenize
@@ -328,13 +353,13 @@ def _run(
         if mask is not None:
             docs, tokens, lengths, mask = _drop_long(docs, tokens, lengths, mask, options.examples,
                                                      skip_log)
-        _route(docs, tokens, lengths, writers, options.val_fraction, mask)
+        router.route(docs, tokens, lengths, mask)
         ledger.records_done += consumed
         nbytes = sum(_utf8_len(d) for d in docs)
         ledger.text_bytes += nbytes
         progress.update(len(docs), len(tokens), nbytes)
         if time.monotonic() - last_commit >= options.commit_seconds:
-            build_dir.commit(ledger, writers)
+            build_dir.commit(ledger, router.writers, router.held)
             last_commit = time.monotonic()
     progress.close()
 
@@ -366,18 +391,70 @@ def _drop_long(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, mask
     return [docs[i] for i in idx], tokens[take], lengths[idx], mask[take]
 
 
-def _route(docs: list[Record], tokens: np.ndarray, lengths: np.ndarray, writers, val_fraction: float,
-           loss_mask: np.ndarray | None = None) -> None:
-    """Append each document to its split, keeping input order within each split."""
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    side = np.fromiter((is_val(d.id, val_fraction) for d in docs), dtype=bool, count=len(docs))
-    for name, mask in (("train", ~side), ("val", side)):
-        if not mask.any():
-            continue
-        if mask.all():
-            writers[name].add(tokens, lengths, loss_mask)
-            continue
-        idx = np.nonzero(mask)[0]
-        take = np.concatenate([np.arange(starts[i], ends[i]) for i in idx])
-        writers[name].add(tokens[take], lengths[idx], None if loss_mask is None else loss_mask[take])
+class _Router:
+    """Appends each document to its split, keeping input order within each split.
+
+    A document goes to val when its id hashes below the val fraction. So that a corpus of more
+    than one document never ends up without a val document (a small corpus may have none
+    hashed there), the newest train document is held back while val is still empty: when the
+    input ends with val empty, the held document (the corpus's last) goes to val instead. A
+    multi-part build splits by hash only (``guarantee_val=False``): a part does not know
+    whether another part has val documents. In a store of examples a document carries its
+    loss mask everywhere it goes, the held-back one included.
+    """
+
+    def __init__(self, writers: dict[str, SplitWriter], val_fraction: float, guarantee_val: bool,
+                 held: dict[str, np.ndarray] | None = None):
+        self.writers, self.val_fraction = writers, val_fraction
+        self.guarantee = guarantee_val and val_fraction > 0
+        # The held-back document: {"tokens": ..., LOSS_MASK: ...}; saved with each commit.
+        self.held = held
+
+    def _holding(self) -> bool:
+        return self.guarantee and self.writers["val"].n_docs == 0
+
+    def route(self, docs: list[Record], tokens: np.ndarray, lengths: np.ndarray,
+              loss_mask: np.ndarray | None = None) -> None:
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        side = np.fromiter((is_val(d.id, self.val_fraction) for d in docs), dtype=bool, count=len(docs))
+        first = 0
+        while first < len(docs) and self._holding():  # one document at a time until val has one
+            doc = {"tokens": tokens[starts[first] : ends[first]]}
+            if loss_mask is not None:
+                doc[LOSS_MASK] = loss_mask[starts[first] : ends[first]]
+            self._release()
+            if side[first]:
+                self._add("val", doc)
+            else:
+                self.held = doc
+            first += 1
+        for name, mask in (("train", ~side[first:]), ("val", side[first:])):
+            if not mask.any():
+                continue
+            idx = first + np.nonzero(mask)[0]
+            if mask.all():
+                rest = slice(starts[first], None)
+                self.writers[name].add(tokens[rest], lengths[first:],
+                                       None if loss_mask is None else loss_mask[rest])
+                continue
+            take = np.concatenate([np.arange(starts[i], ends[i]) for i in idx])
+            self.writers[name].add(tokens[take], lengths[idx],
+                                   None if loss_mask is None else loss_mask[take])
+
+    def _add(self, split: str, doc: dict[str, np.ndarray]) -> None:
+        self.writers[split].add(doc["tokens"], np.array([len(doc["tokens"])]), doc.get(LOSS_MASK))
+
+    def _release(self) -> None:
+        if self.held is not None:
+            self._add("train", self.held)
+            self.held = None
+
+    def finish(self) -> None:
+        """The input has ended: the held document goes to val, unless it is the only one."""
+        if self.held is not None and self.writers["train"].n_docs > 0:
+            log.info("no document hashed to the val split; the last document goes there so that "
+                     "the store has one")
+            self._add("val", self.held)
+            self.held = None
+        self._release()

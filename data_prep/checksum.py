@@ -1,16 +1,20 @@
 """CRC-32 (zlib's polynomial) that can be combined: crc(A + B) from crc(A), crc(B) and len(B).
 
 Combining is what lets `prep --finalize` give a stitched store the very checksum a single build
-would have, without reading the token data again.
+would have, without reading the token data again. The same algebra holds for CRC-32C (the
+Castagnoli polynomial, `poly=CRC32C_POLY`), which lets a checkpoint's files be checksummed in
+segments on several threads (pipeline/training/manifest.py).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
 
 _POLY = 0xEDB88320  # reflected CRC-32 polynomial, as zlib
+CRC32C_POLY = 0x82F63B78  # reflected CRC-32C (Castagnoli) polynomial
 
 
 def crc32(values: np.ndarray, crc: int = 0) -> int:
@@ -36,21 +40,35 @@ def _square(matrix: list[int]) -> list[int]:
     return [_apply(matrix, column) for column in matrix]
 
 
-def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
-    """CRC-32 of A+B given crc(A), crc(B) and the byte length of B.
+def _compose(a: list[int], b: list[int]) -> list[int]:
+    """The matrix of applying ``b``, then ``a``."""
+    return [_apply(a, column) for column in b]
 
-    Appending a zero bit to the message is a linear map on the CRC register; squaring its
-    matrix doubles the number of zero bits. Applying "len_b zero bytes" to crc(A) and xoring
-    crc(B) gives crc(A+B), because CRC-32's init and final xor cancel in that sum.
+
+@functools.lru_cache(maxsize=64)
+def _zero_bytes_operator(poly: int, n: int) -> tuple[int, ...]:
+    """The linear map that appending ``n`` zero bytes applies to a CRC register.
+
+    Appending a zero bit to the message is a linear map on the register; squaring its matrix
+    doubles the number of zero bits, and the bits of ``n`` say which powers to compose. Cached:
+    segment-wise checksums combine many pieces of the same length.
     """
+    one_bit = [poly] + [1 << k for k in range(31)]
+    op = _square(_square(_square(one_bit)))  # 8 zero bits = one zero byte
+    out = [1 << k for k in range(32)]  # identity
+    while n:
+        if n & 1:
+            out = _compose(op, out)
+        n >>= 1
+        if n:
+            op = _square(op)
+    return tuple(out)
+
+
+def crc32_combine(crc_a: int, crc_b: int, len_b: int, poly: int = _POLY) -> int:
+    """CRC of A+B given crc(A), crc(B) and the byte length of B (CRC-32, or CRC-32C with
+    ``poly=CRC32C_POLY``): "len_b zero bytes" applied to crc(A), xor crc(B); the init and final
+    xor of the CRC cancel in that sum."""
     if len_b == 0:
         return crc_a
-    one_bit = [_POLY] + [1 << n for n in range(31)]
-    op = _square(_square(_square(one_bit)))  # 8 zero bits = one zero byte
-    while len_b:
-        if len_b & 1:
-            crc_a = _apply(op, crc_a)
-        len_b >>= 1
-        if len_b:
-            op = _square(op)
-    return crc_a ^ crc_b
+    return _apply(list(_zero_bytes_operator(poly, len_b)), crc_a) ^ crc_b

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import sysconfig
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,45 @@ def _read_text(unit: Unit, mode: str) -> Iterator[Record]:
             block = []
 
 
+class _ZstdReader(io.RawIOBase):
+    """A .zst file decompressed frame after frame. Unlike zstandard's ``stream_reader``, which
+    just ends early, a truncated file raises EOFError (as gzip and bz2 do)."""
+
+    CHUNK = 1 << 16  # compressed bytes per step: bounds the output held at once
+
+    def __init__(self, path: str):
+        self._file = open(path, "rb")  # noqa: SIM115 -- closed in close()
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = self._dctx.decompressobj()
+        self._in_frame = False
+        self._pending, self._out = b"", b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            chunk, self._pending = self._pending or self._file.read(self.CHUNK), b""
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            if self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            self._in_frame = True
+            self._out = self._frame.decompress(chunk)
+            if self._frame.eof:  # the frame is complete; what follows starts the next one
+                self._in_frame, self._pending = False, self._frame.unused_data
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _open_jsonl(path: str) -> io.BufferedIOBase:
     lower = path.lower()
     if lower.endswith(".gz"):
@@ -253,7 +293,7 @@ def _open_jsonl(path: str) -> io.BufferedIOBase:
     if lower.endswith(".bz2"):
         return bz2.open(path, "rb")
     if lower.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(_ZstdReader(path))
     return open(path, "rb")
 
 
@@ -278,9 +318,23 @@ def _from_mapping(obj: object, doc_id: str, where: str, opts: SourceOptions,
 
 def _read_jsonl(unit: Unit, opts: SourceOptions, examples: ExampleOptions | None
                 ) -> Iterator[Record]:
+    lines_read = [0]
+    try:
+        yield from _jsonl_records(unit, opts, examples, lines_read)
+    except (EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
+        # A truncated or damaged compressed file: the input itself is bad (a rerun reads the
+        # same bytes again), so say which file and where its readable lines end.
+        raise SourceError(f"{unit.location}:{lines_read[0] + 1}: cannot be read ({exc}); the "
+                          f"file is truncated or corrupt after line {lines_read[0]}: fix or "
+                          "replace it") from None
+
+
+def _jsonl_records(unit: Unit, opts: SourceOptions, examples: ExampleOptions | None,
+                   lines_read: list[int]) -> Iterator[Record]:
     with _open_jsonl(unit.location) as f:
         reader = io.BufferedReader(f) if not isinstance(f, io.BufferedReader) else f
         for lineno, raw in enumerate(reader, 1):
+            lines_read[0] = lineno
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             if not raw.strip():

@@ -257,15 +257,20 @@ class TokenStore:
         try:
             storage = open_storage(location)
             store = cls._open(storage, cache or CacheOptions())
+            layout = store.layout
             for name in store.splits:
+                _require_group(storage, name)
                 split = store.split(name)
                 end = max((p + n for _, p, n in split.segments), default=0)
                 for array in ("tokens", LOSS_MASK) if split.has_loss_mask else ("tokens",):
-                    shape = _array_shape(storage, f"{name}/{array}", store.layout.shard_tokens,
-                                         store.layout.chunk_tokens)
+                    shape = _array_shape(storage, f"{name}/{array}", layout.shard_tokens,
+                                         layout.chunk_tokens)
                     if shape < end:
                         raise StoreError(f"{store.path}/{name}/{array}: {shape} elements "
                                          f"stored, segments need {end}")
+                # The offsets' metadata too: a damaged store is named at open, not mid-run.
+                _array_shape(storage, f"{name}/doc_offsets", layout.offsets_shard,
+                             layout.offsets_chunk)
                 if check_shards:
                     split.check_shards()
         except StorageError as exc:
@@ -343,7 +348,7 @@ def _array_shape(storage: Storage, key: str, shard_len: int, chunk_len: int) -> 
         sharding = meta["codecs"][0]
         (chunk,) = sharding["configuration"]["chunk_shape"]
     except ObjectMissing:
-        raise StoreError(f"{where}/zarr.json: missing (the array's metadata)") from None
+        raise StoreError(f"{where}/zarr.json: missing (the metadata of array {key!r})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError,
             ValueError) as exc:
         raise StoreError(f"{where}/zarr.json: not the metadata of a token store array ({exc!r})") from None
@@ -351,6 +356,13 @@ def _array_shape(storage: Storage, key: str, shard_len: int, chunk_len: int) -> 
         raise StoreError(f"{where}/zarr.json: shards of {shard} and chunks of {chunk} do not match "
                          f"the store layout ({shard_len}, {chunk_len})")
     return int(shape)
+
+
+def _require_group(storage: Storage, split: str) -> None:
+    """The split's group metadata exists (zarr readers need it): name the file if it is not."""
+    if not storage.exists(f"{split}/zarr.json"):
+        raise StoreError(f"{storage.location}/{split}/zarr.json: missing (the metadata of split "
+                         f"{split!r})")
 
 
 def describe(store: TokenStore) -> dict[str, Any]:

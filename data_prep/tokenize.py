@@ -14,6 +14,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -169,6 +170,9 @@ _worker_dtype: np.dtype | None = None
 
 def _init_worker(name: str) -> None:
     global _worker_enc, _worker_dtype
+    # Ctrl-C reaches the whole process group: the main process handles it (and stops the
+    # pool); a worker's own KeyboardInterrupt would only add a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _worker_enc is None or _worker_enc.name != name:  # spawned: load it; forked: inherited
         _worker_enc = get_encoding(name)
     _worker_dtype = token_dtype(_worker_enc.n_vocab)

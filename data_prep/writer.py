@@ -29,6 +29,8 @@ from .storage import Storage, WriteConflict
 from .store import LOSS_MASK
 
 LEDGER_VERSION = 1
+# The tails file's entry for a document held back from the train split (build.py's _Router).
+HELD = "held"
 
 
 class ArrayAppender:
@@ -240,8 +242,13 @@ class BuildDir:
         """Commit 0: the build has started and nothing is written yet (create-only)."""
         self.ledger.write(ledger.to_json(), create=True)
 
-    def commit(self, ledger: Ledger, writers: dict[str, SplitWriter]) -> None:
-        """Tails first, then the ledger that names them: a kill between the two keeps the old commit."""
+    def commit(self, ledger: Ledger, writers: dict[str, SplitWriter],
+               held: dict[str, np.ndarray] | None = None) -> None:
+        """Tails first, then the ledger that names them: a kill between the two keeps the old commit.
+
+        `held`: a consumed document not yet in any split (its record counts as done): its
+        tokens, and its loss mask in a store of examples.
+        """
         ledger.commit += 1
         ledger.splits = {name: w.state() for name, w in writers.items()}
         arrays = {}
@@ -250,6 +257,8 @@ class BuildDir:
             arrays[f"{name}/offsets"] = w.offsets.tail()
             if w.mask is not None:
                 arrays[f"{name}/{LOSS_MASK}"] = w.mask.tail()
+        for kind, arr in (held or {}).items():
+            arrays[f"{HELD}/{kind}"] = arr
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         self.storage.write(f"_build/tails-{ledger.commit}.npz", buf.getvalue())

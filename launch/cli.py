@@ -3,17 +3,23 @@
 Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit
 code). Only the chosen command's module is imported, so ``zeroforge --help`` and one command's
 help never pay for torch or DeepSpeed. A ``ZeroforgeError`` (pipeline/errors.py) raised anywhere
-below ends here: its one-line message goes to stderr and its code becomes the exit code.
+below ends here: its one-line message goes to stderr and its code becomes the exit code. So
+does Ctrl-C (``KeyboardInterrupt``): one line, the command's ``INTERRUPTED`` advice if it has
+one, exit code 130 (EXIT_INTERRUPTED).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 
-from zeroforge.pipeline.errors import EXIT_CONFIG, ZeroforgeError
+from zeroforge.launch.commands import parse_args
+from zeroforge.launch.local import ERROR_FILE
+from zeroforge.pipeline.errors import EXIT_CONFIG, EXIT_INTERRUPTED, ZeroforgeError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("zeroforge.launch.commands.inspect",
                 "describe a token store (tokenizer, splits, counts, size)"),
     "verify": ("zeroforge.launch.commands.verify",
-               "check every checksum and invariant of a token store"),
+               "check every checksum and invariant of a token store or a run's checkpoints"),
     "train": ("zeroforge.launch.commands.train", "train a model with DeepSpeed ZeRO from a run config"),
     "eval": ("zeroforge.launch.commands.evaluate",
              "validation loss / perplexity of a checkpoint, or lm-evaluation-harness tasks"),
@@ -63,16 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    command = importlib.import_module(module_name)
-    sub_parser = argparse.ArgumentParser(prog=f"zeroforge {global_args.command}",
-                                         description=help_text)
-    command.add_arguments(sub_parser)
-    args = sub_parser.parse_args(rest)
+    name = global_args.command
     try:
+        command = importlib.import_module(module_name)
+        sub_parser = argparse.ArgumentParser(prog=f"zeroforge {name}", description=help_text)
+        command.add_arguments(sub_parser)
+        args = parse_args(sub_parser, rest)
         return int(command.run(args) or 0)
     except ZeroforgeError as e:
-        print(f"zeroforge {global_args.command}: error: {e}", file=sys.stderr, flush=True)
+        report(f"zeroforge {name}: error: {e}")
         return e.exit_code
+    except KeyboardInterrupt:
+        advice = getattr(sys.modules.get(module_name), "INTERRUPTED", "")
+        report(f"zeroforge {name}: interrupted" + (f": {advice}" if advice else ""))
+        return EXIT_INTERRUPTED
+
+
+def report(line: str) -> None:
+    """The one line a failed command ends with; also appended to $ZEROFORGE_ERROR_FILE when set
+    (the ``--nproc`` launcher repeats a rank's line as its own last one: launch/local.py)."""
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get(ERROR_FILE):
+        with contextlib.suppress(OSError), open(os.environ[ERROR_FILE], "a") as f:
+            f.write(line.replace("\n", " ") + "\n")
 
 
 if __name__ == "__main__":

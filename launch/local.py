@@ -9,25 +9,34 @@ s) between this command and the ranks. When a rank fails, the others get ``RANK_
 notice on their own (a peer's closed connection fails their next collective; rank 0 then marks
 its MLflow run FAILED), and are killed after that; the first non-zero exit code is returned.
 
-SIGTERM/SIGUSR1 sent to this process are forwarded to the ranks themselves (the other
-launchers would kill their ranks at once): a preemption must reach the ranks so that they
-checkpoint and exit with 75.
+SIGTERM/SIGUSR1 and Ctrl-C (SIGINT) sent to this process are forwarded to the ranks themselves
+(the other launchers would kill their ranks at once): a preemption must reach the ranks so that
+they checkpoint and exit with 75 (a second Ctrl-C: they abort). The ranks, or the launcher, run
+in a session of their own, so a terminal's Ctrl-C reaches only this process, which forwards it;
+when the ranks or the launcher have exited, whatever is left of that session is killed: no rank
+outlives the command. A rank's one-line error (launch/cli.py appends it to
+$ZEROFORGE_ERROR_FILE) is repeated as this command's last line, below the launchers' messages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 from zeroforge.pipeline.dist import PREEMPT_SIGNALS, free_port
+
+# Set for the ranks: a file launch/cli.py appends a failing command's error line to.
+ERROR_FILE = "ZEROFORGE_ERROR_FILE"
 
 log = logging.getLogger("zeroforge.launch")
 
@@ -61,28 +70,16 @@ def launch_ranks(nproc: int, launcher: str, argv: list[str],
     """Start the ranks and wait for them; returns the exit code (the launcher's, or the first
     non-zero one of a rank this command started). ``check`` runs while the ranks start up; an
     exception from it (a bad config) stops them at once and is re-raised."""
-    if launcher == "zeroforge":
-        return _spawn_ranks(nproc, argv, check)
-    cmd = rank_command(nproc, launcher, argv)
-    log.info("launching: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd)
-    try:
-        check()
-    except BaseException:
-        _kill_tree(proc.pid)
-        raise
-
-    def forward(signum: int, frame: object) -> None:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if is_rank(child.cmdline()):
-                    child.send_signal(signum)
-            except psutil.NoSuchProcess:
-                continue
-
-    for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, forward)
-    return proc.wait()
+    with tempfile.NamedTemporaryFile("r", prefix="zeroforge-errors-", suffix=".txt") as errors:
+        env = {**os.environ, ERROR_FILE: errors.name}
+        if launcher == "zeroforge":
+            code = _spawn_ranks(nproc, argv, env, check)
+        else:
+            code = _run_launcher(rank_command(nproc, launcher, argv), env, check)
+        first_error = next(iter(errors.read().splitlines()), None)
+    if code != 0 and first_error:
+        print(first_error, file=sys.stderr, flush=True)
+    return code
 
 
 def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
@@ -91,37 +88,60 @@ def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
             "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and everything it started (nothing of the run has begun yet)."""
+def _kill_session(pgid: int) -> None:
+    """SIGKILL what is left of a process group this command started (ranks, their children)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _run_launcher(cmd: list[str], env: dict[str, str], check: Callable[[], object]) -> int:
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            try:
+                if is_rank(child.cmdline()):
+                    child.send_signal(signum)
+            except psutil.NoSuchProcess:
+                continue
+
+    for sig in (*PREEMPT_SIGNALS, signal.SIGINT):
+        signal.signal(sig, forward)
     try:
-        root = psutil.Process(pid)
-        for p in [*root.children(recursive=True), root]:
-            p.kill()
-    except psutil.NoSuchProcess:
-        pass
+        check()
+        return proc.wait()
+    finally:  # ranks the launcher left behind, or all of it when the check failed
+        _kill_session(proc.pid)
 
 
-def _spawn_ranks(nproc: int, argv: list[str], check: Callable[[], object]) -> int:
+def _spawn_ranks(nproc: int, argv: list[str], env: dict[str, str],
+                 check: Callable[[], object]) -> int:
     port = free_port()
     cmd = [sys.executable, "-m", RANK_MODULE, *argv]
     log.info("launching %d ranks: %s", nproc, " ".join(cmd))
-    ranks = [subprocess.Popen(cmd, env=rank_env(r, nproc, port)) for r in range(nproc)]
+    # Each rank leads a session of its own (a process cannot join a group of another session).
+    ranks = [subprocess.Popen(cmd, env={**env, **rank_env(r, nproc, port)},
+                              start_new_session=True) for r in range(nproc)]
 
     def forward(signum: int, frame: object) -> None:
         for p in ranks:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    for sig in PREEMPT_SIGNALS:
+    for sig in (*PREEMPT_SIGNALS, signal.SIGINT):
         signal.signal(sig, forward)
     try:
         check()
         return _supervise(ranks)
-    finally:  # this command never leaves a rank behind, whatever ended it
+    finally:  # this command never leaves a rank (or a rank's child) behind, whatever ended it
         for p in ranks:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _kill_session(p.pid)
+            p.wait()
 
 
 def _supervise(ranks: list[subprocess.Popen]) -> int:

@@ -124,6 +124,14 @@ class SbatchOptions:
         p = []
         if not self.job_name or re.search(r"\s", self.job_name):
             p.append(f"--job-name must be a non-empty word without spaces, got {self.job_name!r}")
+        if self.time is not None:
+            try:
+                time_limit_seconds(self.time)
+            except ValueError as e:
+                p.append(str(e))
+        if self.mem is not None and not _MEM_RE.fullmatch(self.mem):
+            p.append(f"--mem {self.mem!r}: expected a size such as 200G, 64000M or 512000 "
+                     "(megabytes), as sbatch reads it")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             p.append(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
         for e in self.extra:
@@ -140,6 +148,43 @@ class SbatchOptions:
         if self.cpus_per_task:
             d.append(f"--cpus-per-task={self.cpus_per_task}")
         return d + list(self.extra)
+
+
+_TIME_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+_MEM_RE = re.compile(r"\d+(?:[KMGTkmgt][Bb]?)?")
+_NO_LIMIT = ("UNLIMITED", "INFINITE")
+_TIME_UNIT = {"hours": 3600, "minutes": 60, "seconds": 1}
+_TIME_RANGE = {"hours": 24, "minutes": 60, "seconds": 60}
+_TIME_FORMATS = ("MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, "
+                 "DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS")
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """A ``--time`` value in seconds, as sbatch reads it; None for no limit (0, UNLIMITED).
+
+    Raises ValueError for what sbatch refuses (``banana``), and also for a field out of its
+    range (``25:99:99``), which sbatch would quietly read as 26:40:39: almost surely a typo.
+    """
+    if text.upper() in _NO_LIMIT:
+        return None
+    m = _TIME_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"--time {text!r}: not a Slurm time limit ({_TIME_FORMATS})")
+    days, *rest = m.groups()
+    fields = [int(f) for f in rest if f is not None]
+    if days is None:  # MINUTES | MINUTES:SECONDS | HOURS:MINUTES:SECONDS
+        names = {1: ("minutes",), 2: ("minutes", "seconds"),
+                 3: ("hours", "minutes", "seconds")}[len(fields)]
+    else:  # DAYS-HOURS[:MINUTES[:SECONDS]]
+        names = ("hours", "minutes", "seconds")[: len(fields)]
+    for i, (name, value) in enumerate(zip(names, fields, strict=True)):
+        leading = i == 0 and days is None  # the largest unit given may exceed its range
+        if not leading and value >= _TIME_RANGE[name]:
+            raise ValueError(f"--time {text!r}: {name} must be below {_TIME_RANGE[name]} here "
+                             f"({_TIME_FORMATS})")
+    seconds = int(days or 0) * 86400 + sum(_TIME_UNIT[n] * v for n, v in zip(names, fields,
+                                                                            strict=True))
+    return seconds or None  # 0: no limit, for sbatch too
 
 
 def _directive(option: str) -> str:
@@ -266,6 +311,19 @@ class TrainJob:
                 p.append(f"--env {name!r}: not a valid environment variable name")
         return p
 
+    def warnings(self) -> list[str]:
+        """Settings Slurm accepts that would defeat the preemption checkpoint."""
+        try:
+            limit = time_limit_seconds(self.sbatch.time) if self.sbatch.time else None
+        except ValueError:
+            return []  # reported by problems()
+        if limit is not None and self.signal_grace_s >= limit:
+            return [f"--signal-grace {self.signal_grace_s} s is not shorter than --time "
+                    f"{self.sbatch.time} ({limit} s): SIGUSR1 would come as the job starts, so "
+                    "the run would checkpoint and requeue at once; lower --signal-grace (Slurm "
+                    "may also send it up to 60 s early)"]
+        return []
+
 
 def render_train(job: TrainJob, command_line: str) -> str:
     """The sbatch script of a training job (launch/slurm/train.sbatch.tmpl)."""
@@ -362,6 +420,8 @@ def run_train(args: argparse.Namespace) -> int:
             signal_grace_s=args.signal_grace, max_requeues=args.max_requeues,
             env=_env_args(args.env))
         script = render_train(job, _command_line())
+        for warning in job.warnings():
+            log.warning("%s", warning)
         if args.dry_run:
             print(script, end="")
             print(f"# submit with: sbatch --parsable "

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from zeroforge.data_prep.locations import local_path_problem
+from zeroforge.data_prep.store import StoreError, TokenStore
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.data.config import DataConfig
 from zeroforge.pipeline.errors import ConfigError
@@ -197,7 +198,25 @@ def _check_fields(cls: type, data: dict[str, Any], prefix: str, extra_known: lis
     return out
 
 
-def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
+def _store_vocabulary(data: Any) -> tuple[int, str] | None:
+    """(vocabulary size, ``N tokens (tokenizer T) of the token store S``) of the run's first
+    store, if its metadata can be read; None otherwise."""
+    data = data if isinstance(data, dict) else {}
+    mixture = data.get("mixture") or []
+    path = data.get("store") or (mixture[0].get("store") if mixture and
+                                 isinstance(mixture[0], dict) else None)
+    if not isinstance(path, str):
+        return None
+    try:  # local or s3:// (only on this error path: a remote store costs a few requests)
+        store = TokenStore.open(path, check_shards=False)
+    except (StoreError, OSError):
+        return None
+    store.close()
+    return store.vocab_size, (f"{store.vocab_size} tokens (tokenizer {store.tokenizer}) of the "
+                              f"token store {path}")
+
+
+def _model_spec(data: Any, problems: list[str], data_section: Any = None) -> ModelSpec:
     if not isinstance(data, dict):
         problems.append(f"model: expected a mapping, got {type(data).__name__} {data!r}")
         return ModelSpec()
@@ -220,7 +239,13 @@ def _model_spec(data: Any, problems: list[str]) -> ModelSpec:
         try:
             spec.build()
         except (TypeError, ValueError) as e:
-            problems.append(f"model: {e}")
+            vocab = _store_vocabulary(data_section) if "vocab_size" in fields else None
+            if vocab is not None and fields["vocab_size"] < vocab[0]:
+                # The special ids no longer fit: say what vocab_size has to hold.
+                problems.append(f"model.vocab_size: {fields['vocab_size']} is smaller than the "
+                                f"{vocab[1]}; remove the override or raise it ({e})")
+            else:
+                problems.append(f"model: {e}")
     return spec
 
 
@@ -236,6 +261,8 @@ def _value_problems(cfg: RunConfig) -> list[str]:
                        ("init_from", cfg.init_from)):
         if value and local_path_problem(value, key):
             p.append(local_path_problem(value, key))
+        elif key != "init_from" and value and Path(value).exists() and not Path(value).is_dir():
+            p.append(f"{key}: {value} is a file, not a directory")
     if not cfg.ds_config_path().is_file():
         p.append(f"deepspeed_config: no such file {cfg.deepspeed_config!r}")
     try:
@@ -268,7 +295,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
                           f"{type(data).__name__}")
     problems: list[str] = []
     rest = {k: v for k, v in data.items() if k != "model"}
-    spec = _model_spec(data["model"], problems) if "model" in data else ModelSpec()
+    spec = _model_spec(data["model"], problems, data.get("data")) if "model" in data else ModelSpec()
     try:
         cfg = RunConfig.model_validate({**rest, "model": spec})
     except ValidationError as e:
@@ -276,7 +303,9 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         cfg = None
     if cfg is not None and not problems:
         problems += _value_problems(cfg)
-    if problems:
+    if len(problems) == 1:
+        raise ConfigError(f"invalid run config: {problems[0]}")
+    if problems:  # one line each
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
     assert cfg is not None
     return cfg

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from zeroforge.pipeline.errors import EXIT_INTERRUPTED
+
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DEFAULT_MASTER_PORT = 29500
 # Slurm jobs: the rendezvous port derives from the job id (launch/slurm templates use the same).
@@ -201,10 +203,18 @@ def free_port() -> int:
 
 
 class PreemptionFlag:
-    """Records SIGTERM/SIGUSR1 instead of dying; the loop agrees on it at a step boundary."""
+    """Records SIGTERM/SIGUSR1 instead of dying; the loop agrees on it at a step boundary.
 
-    def __init__(self) -> None:
+    Ctrl-C (SIGINT) is a preemption too: the first one stops the run at the next step boundary
+    with a checkpoint (exit 75), a second one aborts at once (KeyboardInterrupt: no checkpoint,
+    the tracker's run KILLED, exit 130), and a third one ends the process even if it is stuck
+    in a collective. ``announce`` (rank 0) says so on stderr at the first one.
+    """
+
+    def __init__(self, announce: bool = False) -> None:
         self.signum: int | None = None
+        self.interrupts = 0
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     @property
@@ -214,9 +224,22 @@ class PreemptionFlag:
     def _handler(self, signum: int, frame: object) -> None:
         self.signum = signum
 
+    def _interrupt(self, signum: int, frame: object) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.signum = signum
+            if self.announce:  # os.write: logging is not safe inside a signal handler
+                os.write(2, b"\nzeroforge: Ctrl-C: stopping at the next step boundary with a "
+                            b"checkpoint (exit 75); press Ctrl-C again to abort without one\n")
+        elif self.interrupts == 2:
+            raise KeyboardInterrupt
+        else:
+            os._exit(EXIT_INTERRUPTED)
+
     def install(self) -> PreemptionFlag:
         for sig in PREEMPT_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def uninstall(self) -> None:

@@ -8,6 +8,7 @@ not corrupt a command's ``--json`` output on stdout.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -30,3 +31,12 @@ def stdout_to_stderr(deepspeed: bool = False) -> Iterator[None]:
     for handler in logging.getLogger("DeepSpeed").handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
             handler.setStream(sys.stderr)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed with options and positionals in any order (``train --config R --nproc 2
+    key=value``: plain argparse takes the overrides only before the first option). A parser
+    with a pass-through remainder (``launch``) cannot intermix; it parses as usual."""
+    if any(a.nargs == argparse.REMAINDER for a in parser._actions):  # noqa: SLF001
+        return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)

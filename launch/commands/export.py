@@ -13,7 +13,13 @@ import logging
 from pathlib import Path
 
 from zeroforge.launch.commands import stdout_to_stderr
-from zeroforge.pipeline.errors import EXIT_OK, ConfigError
+from zeroforge.pipeline.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    ConfigError,
+    ZeroforgeError,
+    describe_os_error,
+)
 
 log = logging.getLogger("zeroforge.export")
 
@@ -31,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
-        raise ConfigError(f"--out {out} exists and is not an empty directory (pass --overwrite "
-                          "to write into it)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory (--overwrite only writes "
+                          "into an existing directory); choose another --out")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"--out {out} is not empty (pass --overwrite to write into it)")
     if args.register is not None and not args.register.strip():
         raise ConfigError("--register: give a model name")
     with stdout_to_stderr(deepspeed=True):
@@ -41,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     # Checked first: a registration that cannot happen must not leave an export behind.
     registration = Registration(args.checkpoint) if args.register else None
-    info = export(args.checkpoint, out)
+    try:
+        info = export(args.checkpoint, out)
+    except OSError as e:  # e.g. a read-only or full --out
+        raise ZeroforgeError(f"cannot write the export: {describe_os_error(e, out)}",
+                             EXIT_FAILED) from None
     log.info("exported %s to %s", info.tag_dir, out)
     if registration is not None:
         version = registration.register(info, out, args.register)

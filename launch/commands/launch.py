@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from zeroforge.launch.commands import stdout_to_stderr
+from zeroforge.launch.commands import parse_args, stdout_to_stderr
 
 # name -> (module, add_arguments function, run function, one-line help)
 LAUNCHERS: dict[str, tuple[str, str, str, str]] = {
@@ -49,4 +49,4 @@ def launcher_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 def run(args: argparse.Namespace) -> int:
     parser, run_launcher = launcher_parser(args.launcher)
-    return int(run_launcher(parser.parse_args(args.launcher_args)) or 0)
+    return int(run_launcher(parse_args(parser, args.launcher_args)) or 0)

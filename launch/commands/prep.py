@@ -8,16 +8,25 @@ import logging
 import os
 import time
 
-from zeroforge.data_prep.build import PrepError, PrepOptions, build_store
+from zeroforge.data_prep.build import DEFAULT_VAL_FRACTION, PrepError, PrepOptions, build_store
 from zeroforge.data_prep.examples import FORMATS, TEMPLATES, ExampleOptions
 from zeroforge.data_prep.parts import finalize, part_dir
 from zeroforge.data_prep.sources import BUILTIN_CORPORA, TEXT_MODES, SourceError, SourceOptions
 from zeroforge.data_prep.storage import StorageError
 from zeroforge.data_prep.store import CODECS, Layout, StoreError
 from zeroforge.data_prep.tokenize import ENCODINGS, TokenizerError
-from zeroforge.pipeline.errors import EXIT_CONFIG, EXIT_FAILED, reported_as
+from zeroforge.pipeline.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    ZeroforgeError,
+    describe_os_error,
+    is_disk_full,
+    reported_as,
+)
 
 log = logging.getLogger("zeroforge.prep")
+# Said after Ctrl-C: nothing half-written reads as valid, and the build resumes.
+INTERRUPTED = "rerun the same command to continue from the last commit"
 
 EPILOG = f"""inputs: files, directories and globs (read in sorted order); .jsonl/.jsonl.gz/.jsonl.zst,
 .parquet, plain text otherwise; a directory written by datasets' save_to_disk; hf:NAME[:CONFIG]
@@ -38,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="token store to create: a directory or s3://BUCKET/PREFIX")
     p.add_argument("--tokenizer", default="gpt2", choices=ENCODINGS, help="tiktoken encoding (default gpt2)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the val split, by id hash")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help=f"share of documents for the val split, by id hash (default {DEFAULT_VAL_FRACTION}; "
+                        "at least one document when there are two or more; 0: no val split)")
     p.add_argument("--text-mode", default="file", choices=TEXT_MODES, help="plain text: one document per file/paragraph/line")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet/HF field with the text (default text)")
     p.add_argument("--id-field", default="id", help="field used as document id when present (default id)")
@@ -108,6 +119,16 @@ def options_from_args(args) -> PrepOptions:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except OSError as e:  # the machine, not the command line: a full disk, a read-only --out
+        advice = ("; the build resumes: free space, then rerun the same command"
+                  if is_disk_full(e) else "")
+        raise ZeroforgeError(f"cannot build the store: {describe_os_error(e, args.out)}{advice}",
+                             EXIT_FAILED) from None
+
+
+def _run(args) -> int:
     t0 = time.monotonic()
     # Bad settings exit 2; a store or server that fails under a sound command line exits 1.
     with reported_as(EXIT_FAILED, StorageError, StoreError), \

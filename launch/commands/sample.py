@@ -54,13 +54,30 @@ def _problems(args: argparse.Namespace) -> list[str]:
     return p
 
 
+def _check_device(name: str, torch) -> None:
+    """Refuse a device this machine does not have before loading anything."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here (torch "
+                          f"{torch.__version__}, no usable GPU); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
+
+
 def run(args: argparse.Namespace) -> int:
     problems = _problems(args)
     if problems:
         raise ConfigError("; ".join(problems))
     with stdout_to_stderr(deepspeed=True):
+        import torch
         from zeroforge.model import Sampling
         from zeroforge.pipeline.results.sample import sample
+
+    _check_device(args.device, torch)
 
     greedy = args.temperature == 0
     sampling = Sampling(do_sample=not greedy, temperature=args.temperature or 1.0,

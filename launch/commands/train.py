@@ -19,6 +19,10 @@ from zeroforge.launch.commands import stdout_to_stderr
 from zeroforge.launch.local import LAUNCHERS
 from zeroforge.pipeline.errors import EXIT_OK, ConfigError
 
+# Said after a second Ctrl-C (the first one checkpoints and exits 75: pipeline/dist.py).
+INTERRUPTED = ("stopped without a checkpoint; rerun the same command to resume from the newest "
+               "committed one")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,

@@ -25,6 +25,11 @@ EVAL_SEED = 0  # masks and packing are the same for every run
 EVAL_STREAM = 1  # and never coincide with training masks (loader.TRAIN_STREAM)
 
 
+class NoEvalWindows(ConfigError):
+    """The split is too small for even one evaluation window per rank (exit code 2); training
+    goes on without evaluation instead (training/setup.py)."""
+
+
 def _selection(ex: SplitWindows, split: str, total: int, quiet: bool) -> list[tuple[int, int]]:
     """(store, window) of the fixed list: weight-proportional, evenly spread per store."""
     chosen = []
@@ -33,10 +38,12 @@ def _selection(ex: SplitWindows, split: str, total: int, quiet: bool) -> list[tu
         if want == 0:
             continue
         if have < 1:
-            raise ConfigError(
+            sp = ex.splits[j]
+            raise NoEvalWindows(
                 f"data.val_windows: store {ex.paths[j]} has no {split} {ex.task.unit_name} "
-                f"for task {ex.task.name} (data.seq_len={ex.data.seq_len}); rebuild it with "
-                "--val-fraction > 0, or set data.val_windows: 0")
+                f"for task {ex.task.name} (data.seq_len={ex.data.seq_len}; its {split} split: "
+                f"{sp.n_docs} documents, {sp.n_tokens} tokens); rebuild it with a larger "
+                "--val-fraction, or set data.val_windows: 0")
         if want > have and not quiet:
             log.warning("data.val_windows: store %s has only %d %s windows, using all",
                         ex.paths[j], have, split)
@@ -58,6 +65,10 @@ def eval_batches(task: Task, batch_size: int, rank: int, world: int, split: str 
         log.warning("evaluation: %s", dropped)
     chosen = _selection(ex, split, task.data.val_windows, quiet=rank != 0)
     usable = len(chosen) - len(chosen) % world
+    if usable == 0:
+        raise NoEvalWindows(f"data.val_windows: {len(chosen)} {split} windows, fewer than the "
+                            f"{world} ranks that share them; rebuild the store with a larger "
+                            "--val-fraction, or set data.val_windows: 0")
     mine = np.arange(rank, usable, world, dtype=np.int64)
     batches = []
     for a in range(0, len(mine), batch_size):

@@ -24,12 +24,12 @@ import contextlib
 import io
 import json
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from zeroforge.data_prep.store import StoreError, TokenStore
 from zeroforge.pipeline import registry
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ZeroforgeError, ValueError):
     """A checkpoint that is missing, uncommitted or unreadable (exit code 1)."""
+
 # Written by ``zeroforge export`` beside HF's config.json: where the weights came from.
 EXPORT_SOURCE = "zeroforge_source.json"
 
@@ -74,17 +75,6 @@ class CheckpointInfo:
 # ----------------------------------------------------------------------------- locating
 
 
-def _ckpt_root_of_run(run_dir: Path) -> Path:
-    """A run directory's checkpoint root: ``checkpoint.dir`` of its resolved config, if set."""
-    resolved = run_dir / "config.yaml"
-    if resolved.is_file():
-        data = yaml.safe_load(resolved.read_text()) or {}
-        custom = (data.get("checkpoint") or {}).get("dir")
-        if custom:
-            return Path(custom)
-    return run_dir / "checkpoints"
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """The committed tag directory that ``path`` names (see the module docstring).
 
@@ -99,7 +89,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"{p}: checkpoint is not committed (no {ckpt.MARKER} marker: the "
                              "save was interrupted); use an earlier tag")
         return p
-    roots = [p, _ckpt_root_of_run(p)]  # a checkpoint root itself, or a run directory
+    roots = [p, ckpt.root_of_run(p)]  # a checkpoint root itself, or a run directory
     for root in roots:
         latest = ckpt.latest_committed(root)
         if latest is not None:
@@ -159,10 +149,19 @@ def _consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
     chatter = io.StringIO()
     # zero_to_fp32 reports progress with print() and tqdm bars; keep stdout clean for --json
     # consumers and stderr for our own messages (its errors still raise).
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent),
+                                                             tag=tag_dir.name)
+    except Exception as e:  # noqa: BLE001 -- whatever DeepSpeed's reader trips over
+        raise CheckpointError(f"{tag_dir}: the ZeRO shards cannot be merged "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
     log.debug("zero_to_fp32: %s", chatter.getvalue().strip())
     return dict(state)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def read_checkpoint(path: str | Path, weights: bool = True
@@ -172,9 +171,17 @@ def read_checkpoint(path: str | Path, weights: bool = True
     ``weights=False`` skips the consolidation and returns ``None`` for the state dict.
     """
     tag_dir = resolve_checkpoint(path)
-    marker = json.loads((tag_dir / ckpt.MARKER).read_text())
-    # Our own files: the client state holds plain Python objects, so weights_only cannot be used.
-    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    states_file = _model_states_file(tag_dir)
+    # Nothing is read before its bytes are checked: all files, or the one read here.
+    problems = ckpt.verify_tag(tag_dir, None if weights else [states_file.name])
+    if problems:
+        raise ckpt.CorruptCheckpointError(ckpt.corrupt_message(tag_dir, problems))
+    marker = ckpt.read_marker(tag_dir.parent, tag_dir.name)
+    try:
+        # Tensors, containers and plain values only: no unpickling needed (docs/training.md).
+        states = torch.load(states_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{states_file}: cannot be read ({_first_line(e)})") from None
     model_dict = states.get("model_config") or marker.get("model_config")
     if not isinstance(model_dict, dict):
         raise CheckpointError(f"{tag_dir}: the checkpoint records no model config")
@@ -287,6 +294,8 @@ def init_from(model: torch.nn.Module, source: str | Path, store_tokenizer: str) 
     """
     try:
         src_config, state, tokenizer = pretrained_weights(source)
+    except ckpt.CorruptCheckpointError as e:  # the source is damaged, not the config
+        raise ckpt.CorruptCheckpointError(f"init_from: {e}") from None
     except ValueError as e:  # CheckpointError, or a HF directory that does not fit
         raise ConfigError(f"init_from: {e}") from None
     ours = model.config.to_dict()  # type: ignore[union-attr]

@@ -331,27 +331,51 @@ def _artifact_root(uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
+_SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every sqlite database file
+
+
 def _prepare_store(uri: str) -> None:
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+        if db.is_file() and db.stat().st_size:
+            with open(db, "rb") as f:
+                if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                    raise ConfigError(
+                        f"tracking.tracking_uri / MLFLOW_TRACKING_URI: {db} is not an sqlite "
+                        "database; point sqlite:/// at a new file or an MLflow database")
     elif uri.startswith(("http://", "https://")):
         _check_reachable(uri)
 
 
-def _check_reachable(uri: str, timeout: float = 10.0) -> None:
-    # One quick probe: MLflow's own client retries with backoff for minutes before giving up.
-    # Any HTTP answer (even 401/404 from an auth proxy) means the server is there.
+def _http_status(url: str, timeout: float) -> int:
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _check_reachable(uri: str, timeout: float = 10.0) -> None:
+    # Quick probes: MLflow's own client retries with backoff for minutes before giving up.
+    # An auth proxy in front may answer 401/403: the server is there. A web server that is not
+    # MLflow answers 404 to MLflow's own API as well (MLflow's client would dump its HTML page).
+    base = uri.rstrip("/")
+    try:
+        if _http_status(base + "/health", timeout) in (200, 401, 403):
+            return
+        status = _http_status(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(
             f"tracking.tracking_uri / MLFLOW_TRACKING_URI: cannot reach the MLflow server at "
             f"{_redact(uri)} ({reason}); start it, fix the URI, or set tracking.backend=none"
         ) from None
+    if status not in (200, 401, 403):
+        raise ConfigError(
+            f"tracking.tracking_uri / MLFLOW_TRACKING_URI: {_redact(uri)} is not an MLflow "
+            f"tracking server (HTTP {status} to MLflow's API); fix the URI, or set "
+            "tracking.backend=none")
 
 
 def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:

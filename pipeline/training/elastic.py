@@ -21,7 +21,8 @@ Three things carry over:
   whole optimizer state on every rank and loads as usual.
 
 The conversion lives inside the tag directory so pruning old checkpoints removes it too, and it
-is reused if the same checkpoint is resumed at another world size again.
+is reused if the same checkpoint is resumed at another world size again. It carries a manifest
+of its own (training/manifest.py); one that no longer matches is converted again.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from deepspeed.checkpoint import ds_to_universal
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from zeroforge.data_prep import atomic
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.training import checkpoint as ckpt
+from zeroforge.pipeline.training import manifest
 from zeroforge.pipeline.training.ds_config import zero_stage
 from zeroforge.pipeline.training.engine import require_tested_deepspeed
 
@@ -70,7 +74,7 @@ def saved_layout(tag_dir: Path) -> SavedLayout:
         if not files:
             raise ckpt.ResumeError(f"{tag_dir}: no model-states file to read the world size from")
         # mmap: only the small metadata is read, not the weights.
-        state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        state = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
         world, batch = state["dp_world_size"], state["data"]["global_batch"]
     return SavedLayout(int(world), int(batch))
 
@@ -122,16 +126,17 @@ class ResumePlan:
             return ckpt.load(engine, root, tag, rank)
         assert self.tag_dir == root / tag, (self.tag_dir, root / tag)
         universal = ensure_universal(self.tag_dir, rank)
-        client = ckpt.load(engine, self.tag_dir, UNIVERSAL_DIR, rank)
+        # Checked by rank 0 (ensure_universal); it has no commit marker of its own.
+        client = ckpt.load(engine, self.tag_dir, UNIVERSAL_DIR, rank, check=False)
         _repair_optimizer(engine, universal)
         return client
 
 
-def plan_resume(ckpt_dir: Path, micro_batch: int, grad_accum: int, world_size: int, rank: int
-                ) -> ResumePlan:
-    """Compare the newest committed checkpoint's layout with this launch (call on every rank,
-    before the engine is built: DeepSpeed's config depends on the result)."""
-    latest = ckpt.latest_committed(ckpt_dir)
+def plan_resume(ckpt_dir: Path, latest: tuple[int, str] | None, micro_batch: int,
+                grad_accum: int, world_size: int, rank: int) -> ResumePlan:
+    """Compare the layout of ``latest`` (the newest committed checkpoint: training/setup.py)
+    with this launch (call on every rank, before the engine is built:
+    DeepSpeed's config depends on the result)."""
     if latest is None:
         return ResumePlan(world_size=world_size)
     tag_dir = ckpt_dir / latest[1]
@@ -156,15 +161,25 @@ def ensure_universal(tag_dir: Path, rank: int) -> Path:
     Raises ResumeError on every rank when the conversion fails on rank 0.
     """
     out = tag_dir / UNIVERSAL_DIR
-    error = None
+    error, corrupt = None, None
+    if rank == 0 and out.is_dir() and (problems := manifest.verify(out)):
+        # Derived from a checked checkpoint: convert it again rather than load bad bytes.
+        log.warning("%s: %s; converting again", out, problems[0])
+        shutil.rmtree(out)
     if rank == 0 and not out.is_dir():
-        try:
-            _convert(tag_dir, out)
-        except Exception as e:  # noqa: BLE001 -- reported on every rank below
-            error = f"{type(e).__name__}: {e}"
-    box: list[Any] = [error]
+        # The converter reads every file of the tag: check them all first.
+        if problems := ckpt.verify_tag(tag_dir):
+            corrupt = ckpt.corrupt_message(tag_dir, problems)
+        else:
+            try:
+                _convert(tag_dir, out)
+            except Exception as e:  # noqa: BLE001 -- reported on every rank below
+                error = f"{type(e).__name__}: {e}"
+    box: list[Any] = [error, corrupt]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ckpt.CorruptCheckpointError(box[1], tag_dir=tag_dir)
     if box[0] is not None:
         raise ckpt.ResumeError(f"cannot convert {tag_dir} for a different world size: "
                                f"{box[0]}")
@@ -196,6 +211,9 @@ def _convert(tag_dir: Path, out: Path) -> None:
     # Each rank restores its own RNG states if it existed before (training/checkpoint.py).
     for rng in tag_dir.glob("rng_rank*.pt"):
         shutil.copy2(rng, tmp / rng.name)
+    names = manifest.data_files(tmp, recursive=True)
+    manifest.write(tmp, dict(zip(names, manifest.file_entries([tmp / n for n in names]),
+                                 strict=True)))
     atomic.replace_dir(tmp, out)
 
 
@@ -208,8 +226,10 @@ def _repair_optimizer(engine: Any, universal: Path) -> None:
     saved hyperparameters, as a same-world resume does, and give each state its own step.
     """
     require_tested_deepspeed("repairing a ZeRO-3 universal checkpoint load")
-    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
-                       weights_only=False)["param_groups"]
+    # weights_only, allowing the two DeepSpeed classes the file holds (and nothing else).
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+        saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
+                           weights_only=True)["param_groups"]
     base = engine.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO wrapper
     if len(saved) != len(base.param_groups):
         raise ckpt.ResumeError(f"{universal}: {len(saved)} optimizer param groups saved, "

@@ -55,7 +55,7 @@ def fit(run: Run, preempt: PreemptionFlag) -> int:
                       "train/overflow_steps": state.overflow_steps,
                       **debug.step_metrics(run.engine, batches, run.dist.world_size, run.device)}
         due = cfg.eval_every and state.step % cfg.eval_every == 0 or at_end
-        if due and run.cfg.data.val_windows > 0:
+        if due and run.val:  # none: data.val_windows is 0, or the val split is too small
             evaluated = run_eval(run)
             record = (record or {"step": state.step}) | evaluated
             stop_reason = _early_stopping(run, evaluated["val/loss"], at_end)

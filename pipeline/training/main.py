@@ -13,9 +13,17 @@ import shutil
 from collections.abc import Iterator
 
 import torch.distributed as dist
+from zeroforge.data_prep.storage import StorageError
+from zeroforge.data_prep.store import StoreError
 from zeroforge.pipeline.config import RunConfig
 from zeroforge.pipeline.dist import PreemptionFlag, discover
-from zeroforge.pipeline.errors import EXIT_OK, ConfigError, RunError, ZeroforgeError
+from zeroforge.pipeline.errors import (
+    EXIT_OK,
+    ConfigError,
+    RunError,
+    ZeroforgeError,
+    describe_os_error,
+)
 from zeroforge.pipeline.results.export import export, model_tags
 from zeroforge.pipeline.tracking.tracker import tracking_status
 from zeroforge.pipeline.training.loop import fit
@@ -68,20 +76,36 @@ def train(cfg: RunConfig) -> int:
     clock.mark("python and imports")
     d = discover()
     _quiet_other_ranks(d.rank)
-    preempt = PreemptionFlag().install()
+    preempt = PreemptionFlag(announce=d.rank == 0).install()
     device = init_distributed(d, cfg.dist.timeout)
     clock.mark("process group")
     try:
         run = setup(cfg, d, device, clock)
     except ZeroforgeError:
         raise
-    except ValueError as e:  # a bad store, model field or weights file: the input is wrong
+    except (StoreError, StorageError) as e:  # corrupt, incomplete or unreachable data
+        raise RunError(str(e)) from None
+    except ValueError as e:  # a bad model field or weights file: the input is wrong
         raise ConfigError(str(e)) from None
+    except OSError as e:  # the machine: e.g. a read-only run_dir
+        raise RunError(describe_os_error(e)) from None
     try:
         with tracking_status(run.tracker), _timeouts_reported(cfg.dist.timeout, d.rank):
             code = fit(run, preempt)
             if code == EXIT_OK and run.is_main and cfg.tracking.register_model:
                 _register_final_model(run, cfg.tracking.register_model)
+    except StoreError as e:  # e.g. a chunk failing its checksum, raised by the loader thread
+        raise RunError(f"{e} (`zeroforge verify` checks the whole store)") from None
+    except StorageError as e:  # a store on S3 that fails mid-run (server, network, credentials)
+        raise RunError(str(e)) from None
+    except OSError as e:  # e.g. a full disk under metrics.jsonl
+        raise RunError(describe_os_error(e)) from None
+    except RuntimeError:
+        if preempt.interrupts:
+            # Ctrl-C was pressed: another rank took it as the second one and aborted, so this
+            # rank's collective lost its peer. An interruption, not a crash.
+            raise KeyboardInterrupt from None
+        raise
     finally:
         run.loader.close()
         if run.is_main:

@@ -4,6 +4,7 @@ committed checkpoint (or ``init_from`` weights for a fresh run)."""
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import socket
@@ -14,12 +15,14 @@ import torch.distributed as dist
 from zeroforge.data_prep.store import TokenStore
 from zeroforge.pipeline import registry
 from zeroforge.pipeline.config import RunConfig, dump_yaml
-from zeroforge.pipeline.data.eval_set import eval_batches
+from zeroforge.pipeline.data.eval_set import NoEvalWindows, eval_batches
 from zeroforge.pipeline.data.loader import TrainLoader
 from zeroforge.pipeline.data.windows import open_stores, store_examples, store_fingerprint
 from zeroforge.pipeline.dist import DistEnv
 from zeroforge.pipeline.errors import ConfigError
 from zeroforge.pipeline.results.weights import init_from
+from zeroforge.pipeline.tasks.base import Task
+from zeroforge.pipeline.tracking.base import Tracker
 from zeroforge.pipeline.tracking.metrics_file import MetricsWriter
 from zeroforge.pipeline.tracking.params import run_params
 from zeroforge.pipeline.tracking.progress import Progress
@@ -71,7 +74,32 @@ def _all_gather_strings(value: str, world: int) -> list[str]:
 
 def setup(cfg: RunConfig, d: DistEnv, device: str, clock: StartupClock | None = None) -> Run:
     """Build model, engine, data and tracker; resume from the newest committed checkpoint.
-    ``clock`` (main.train's) records how long each part takes."""
+    ``clock`` (main.train's) records how long each part takes.
+
+    A checkpoint whose files turn out corrupt while it loads is set aside and the one before it
+    tried, with a fresh engine: never training from bad bytes, never starting over on its own
+    (docs/training.md). Every rank sees the same verdict, so all retry together.
+    """
+    ckpt_dir = cfg.checkpoint.path(Path(cfg.run_dir))
+    corrupt: list[str] = []
+    while True:
+        try:
+            return _setup(cfg, d, device, corrupt, clock)
+        except ckpt.CorruptCheckpointError as e:
+            if e.tag_dir is None:
+                raise
+            corrupt.append(str(e))
+            ckpt.set_aside(e.tag_dir, d.rank)
+        gc.collect()  # the failed attempt's engine, before building the next one
+        if not ckpt.committed(ckpt_dir):
+            raise ckpt.CorruptCheckpointError(
+                f"every committed checkpoint in {ckpt_dir} is corrupt ({corrupt[0]}); refusing "
+                "to start over: restore a good copy, or move the directory away to start a new "
+                "run")
+
+
+def _setup(cfg: RunConfig, d: DistEnv, device: str, corrupt: list[str],
+           clock: StartupClock | None) -> Run:
     mark = functools.partial(StartupClock.mark_on, clock)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = cfg.checkpoint.path(run_dir)
@@ -79,14 +107,14 @@ def setup(cfg: RunConfig, d: DistEnv, device: str, clock: StartupClock | None = 
     fingerprint, vocab, tokenizer, eot = store_info(stores)
     model_config = cfg.build_model_config()
     check_fits_store(model_config, vocab, tokenizer, eot)
+    latest = ckpt.latest_committed(ckpt_dir)
     # A checkpoint from another world size: keep its global batch, load it re-partitioned.
-    plan = plan_resume(ckpt_dir, cfg.train.micro_batch_size, cfg.train.grad_accum,
+    plan = plan_resume(ckpt_dir, latest, cfg.train.micro_batch_size, cfg.train.grad_accum,
                        d.world_size, d.rank)
     cfg = plan.run_config(cfg)
     ds = plan.ds_config(cfg.ds_config(d.world_size, detect_device()))
     family = registry.family_of(model_config)
     use_deterministic_kernels(cfg.train.deterministic, cfg.train.compile, device)
-    latest = ckpt.latest_committed(ckpt_dir)
     mark("stores and config")
     engine, n_params = _build(cfg, d, ds, family, model_config, tokenizer,
                               fresh=latest is None)
@@ -104,7 +132,7 @@ def setup(cfg: RunConfig, d: DistEnv, device: str, clock: StartupClock | None = 
     loader = TrainLoader(task, cfg.train.micro_batch_size, cfg.train.grad_accum, d.rank,
                          d.world_size, cfg.train.seed, state=client.get("data"),
                          pin_memory=device.startswith("cuda"))
-    val = eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
+    val = _validation(cfg, task, d)
     mark("data")
     hostnames = _all_gather_strings(socket.gethostname(), d.world_size)
     summary = run_summary(
@@ -115,6 +143,8 @@ def setup(cfg: RunConfig, d: DistEnv, device: str, clock: StartupClock | None = 
     tracker = make_tracker(cfg.tracking, run_dir, d.rank,
                            resume_run_id=client.get("tracking_run_id"), hostnames=hostnames,
                            summary=summary)
+    if corrupt and latest is not None:
+        _report_fallback(tracker, corrupt, ckpt_dir / latest[1], d.rank)
     run = Run(cfg=cfg, dist=d, device=device, run_dir=run_dir, ckpt_dir=ckpt_dir, engine=engine,
               model_config=model_config, family=family, task=task, ds_config=ds, loader=loader,
               val=val, tracker=tracker, state=state, fingerprint=fingerprint, n_params=n_params,
@@ -177,6 +207,27 @@ def _resume(cfg: RunConfig, d: DistEnv, engine: Any, plan: ResumePlan, ckpt_dir:
         log.warning("AdamW settings changed on resume, in effect from step %d: %s", step + 1,
                     "; ".join(changes))
     return state, client, changes
+
+
+def _validation(cfg: RunConfig, task: Task, d: DistEnv) -> list[dict]:
+    """This rank's evaluation batches; none (evaluation off, with a warning) when the store's
+    val split is too small for a window, unless early stopping needs them."""
+    try:
+        return eval_batches(task, cfg.train.eval_micro_batch, d.rank, d.world_size)
+    except NoEvalWindows as e:
+        if cfg.train.early_stopping_patience:
+            raise ConfigError(f"train.early_stopping_patience needs evaluation: {e}") from None
+        if d.rank == 0:
+            log.warning("%s. Training WITHOUT evaluation (no val/loss).", e)
+        return []
+
+
+def _report_fallback(tracker: Tracker, corrupt: list[str], tag_dir: Path, rank: int) -> None:
+    """A loud warning and a run tag: the run went back past a corrupt checkpoint."""
+    text = f"{'; '.join(corrupt)}; resumed from {tag_dir} instead"
+    if rank == 0:
+        log.warning("RESUME FALLBACK: %s", text)
+    tracker.set_tags({"zeroforge.resume_fallback": text})
 
 
 def _start_reporting(run: Run) -> None:

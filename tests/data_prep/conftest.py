@@ -43,6 +43,7 @@ def opts(**kw) -> PrepOptions:
     source = SourceOptions(**{k: kw.pop(k) for k in list(kw) if k in source_keys})
     kw.setdefault("layout", TINY)
     kw.setdefault("progress", False)
+    kw.setdefault("val_fraction", 0.0)  # every document in train unless a test asks for val
     return PrepOptions(source=source, **kw)
 
 

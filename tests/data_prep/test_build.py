@@ -288,3 +288,50 @@ def test_real_corpora_from_shared_data(shared_data, tmp_path):
     assert np.array_equal(split.tokens(0, split.n_tokens), want)
     assert np.array_equal(np.diff(split.doc_offsets), [len(x) + 1 for x in ids])
     assert verify_store(str(tmp_path / "s")) == []
+
+
+def _jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_default_val_share_never_leaves_val_empty(tmp_path):
+    """By default 1% of the documents go to val by id hash; a corpus where none hashes there
+    (any small one) still gets one val document, its last, so that the recipes can evaluate."""
+    texts = [f"document number {i} " + "word " * (i % 7 + 3) for i in range(20)]
+    corpus = _jsonl(tmp_path / "c" / "corpus.jsonl", texts)
+    ids = [f"corpus.jsonl:{i + 1}" for i in range(len(texts))]
+    assert not any(is_val(i, 0.01) for i in ids), "the test needs a corpus with no val by hash"
+    build_store([str(corpus)], tmp_path / "s", opts(val_fraction=0.01))
+    store, enc = TokenStore.open(tmp_path / "s"), get_encoding("gpt2")
+    want = [np.array(enc.encode_ordinary(t) + [EOT]) for t in texts]
+    assert_docs_equal(read_all_docs(store.split("val")), want[-1:])
+    assert_docs_equal(read_all_docs(store.split("train")), want[:-1])
+    # One document stays in train (training needs it); --val-fraction 0 means no val at all.
+    build_store([str(_jsonl(tmp_path / "one" / "a.jsonl", texts[:1]))], tmp_path / "s1",
+                opts(val_fraction=0.01))
+    assert TokenStore.open(tmp_path / "s1").attrs["counts"]["val"]["docs"] == 0
+    build_store([str(corpus)], tmp_path / "s0", opts(val_fraction=0.0))
+    assert TokenStore.open(tmp_path / "s0").attrs["counts"]["val"]["docs"] == 0
+
+
+def test_held_back_document_survives_an_interrupted_build(tmp_path):
+    """The document held back while val is empty is part of every commit: a build stopped
+    midway (here by --strict) resumes to the store an uninterrupted build makes."""
+    texts = [f"row {i} " + "word " * (i % 5 + 20) for i in range(60)]
+    rows = [json.dumps({"text": t}) for t in texts]
+    rows.insert(50, '{"text": broken json')
+    corpus = tmp_path / "c" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("\n".join(rows) + "\n")
+    common = {"val_fraction": 1e-9, "batch_chars": 400, "commit_seconds": 0}
+    build_store([str(corpus)], tmp_path / "clean", opts(**common))
+    out = tmp_path / "s"
+    with pytest.raises(PrepError, match="malformed JSON"):
+        build_store([str(corpus)], out, opts(strict=True, **common))
+    with np.load(max((out / "_build").glob("tails-*.npz"))) as tails:
+        assert "held/tokens" in tails.files
+    build_store([str(corpus)], out, opts(**common))
+    assert store_digest(out) == store_digest(tmp_path / "clean")
+    assert TokenStore.open(out).attrs["counts"]["val"]["docs"] == 1

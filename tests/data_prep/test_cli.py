@@ -94,4 +94,4 @@ def test_argparse_errors_exit_2(zf, tmp_path):
     r = zf("prep", "x", "--out", tmp_path / "s", "--text-mode", "sentence")
     assert r.rc == 2 and "invalid choice" in r.err
     r = zf("verify")
-    assert r.rc == 2 and "store" in r.err
+    assert r.rc == 2 and "PATH" in r.err

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from zeroforge.data_prep.build import PrepError, PrepOptions, build_store
+from zeroforge.data_prep.build import PrepError, PrepOptions, build_store, is_val
 from zeroforge.data_prep.examples import TEMPLATES, ExampleOptions
 from zeroforge.data_prep.parts import finalize, part_dir
 from zeroforge.data_prep.pydoc_qa import pydoc_qa
@@ -38,6 +38,7 @@ from .conftest import (
 def ex_opts(fmt: str = "sft", workers: int = 1, **kw) -> PrepOptions:
     example_keys = set(ExampleOptions.__dataclass_fields__)
     examples = ExampleOptions(format=fmt, **{k: kw.pop(k) for k in list(kw) if k in example_keys})
+    kw.setdefault("val_fraction", 0.0)  # every example in train unless a test asks for val
     return PrepOptions(examples=examples, layout=TINY, progress=False, workers=workers, **kw)
 
 
@@ -301,6 +302,52 @@ def test_sigkill_then_rerun_gives_the_clean_store(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming" in rerun.stderr
     assert store_digest(out) == store_digest(clean)
+
+
+@pytest.mark.parametrize("fmt", ["sft", "pairs"])
+def test_default_val_share_holds_for_examples_with_their_mask(tmp_path, fmt):
+    """The default 1% val share applies to fine-tuning stores too: a small set of examples where
+    none hashes to val still gets one (the last), tokens and loss mask together, even when the
+    build is stopped midway while that example is held back and then resumed."""
+    n = 30  # ids x.jsonl:1..30: none hashes below 1%
+    assert not any(is_val(f"x.jsonl:{i + 1}", 0.01) for i in range(n))
+    rows = ([{"prompt": f"question {i}?", "response": f"answer {i} " * (i % 4 + 1)}
+             for i in range(n)] if fmt == "sft" else
+            [{"source": f"translate {i}", "target": f"result {i} " * (i % 3 + 1)}
+             for i in range(n)])
+    src = write_jsonl(tmp_path / "x.jsonl", rows)
+    common = {"val_fraction": 0.01, "batch_chars": 200, "commit_seconds": 0}
+    attrs = build_store([str(src)], tmp_path / "clean", ex_opts(fmt, **common))
+    assert (attrs["counts"]["val"]["docs"], attrs["counts"]["train"]["docs"]) == (1, n - 1)
+    store = TokenStore.open(tmp_path / "clean")
+    (val_tokens, val_mask), = examples_of(store.split("val"))
+    train = examples_of(store.split("train"))
+    if fmt == "sft":
+        want = [expected_example([(r["prompt"], False), ("\n", False), (r["response"], True),
+                                  ("\n", True)]) for r in rows]
+        assert [(t.tolist(), m.tolist()) for t, m in train] == want[:-1]
+        assert (val_tokens.tolist(), val_mask.tolist()) == want[-1]
+    else:
+        n_src = len(get_encoding("gpt2").encode_ordinary(rows[-1]["source"]))
+        assert val_mask.tolist() == [0] * n_src + [1] * (len(val_tokens) - n_src)
+    assert store.split("val").n_loss_tokens == int(val_mask.sum())
+    assert verify_store(str(tmp_path / "clean")) == []
+    # Stopped by --strict on a broken line near the end: the held example and its mask are in
+    # the last commit, and the resumed build equals the clean one.
+    lines = src.read_text().splitlines()
+    broken = tmp_path / "broken" / "x.jsonl"
+    broken.parent.mkdir()
+    broken.write_text("\n".join([*lines[:25], '{"prompt": broken', *lines[25:]]) + "\n")
+    clean2 = tmp_path / "clean2"
+    build_store([str(broken)], clean2, ex_opts(fmt, **common))
+    out = tmp_path / "s"
+    with pytest.raises(PrepError, match="malformed JSON"):
+        build_store([str(broken)], out, ex_opts(fmt, strict=True, **common))
+    with np.load(max((out / "_build").glob("tails-*.npz"))) as tails:
+        assert {"held/tokens", "held/loss_mask"} <= set(tails.files)
+    build_store([str(broken)], out, ex_opts(fmt, **common))
+    assert store_digest(out) == store_digest(clean2)
+    assert TokenStore.open(out).attrs["counts"]["val"]["docs"] == 1
 
 
 def test_verify_checks_the_mask_invariants(tmp_path):

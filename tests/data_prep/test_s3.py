@@ -9,6 +9,7 @@ what the local store returns.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -132,6 +133,38 @@ def test_fine_tuning_store_on_s3_reads_and_verifies_like_local(s3, tmp_path):
     assert "an example's final EOT carries no loss (example 0" in problems
 
 
+def test_default_val_share_on_s3_equals_a_local_build(s3, tmp_path):
+    """The default 1% val share on S3: a small sft set where no example hashes to val gets one
+    (the last, with its loss mask), and the example held back for it survives an interrupted
+    build there (it travels in the tails object of each commit)."""
+    from zeroforge.data_prep.build import PrepError, is_val
+    from zeroforge.data_prep.examples import ExampleOptions
+
+    rows = [json.dumps({"prompt": f"question {i}?", "response": f"answer {i}"}) for i in range(30)]
+    assert not any(is_val(f"x.jsonl:{i + 1}", 0.01) for i in range(30))
+    rows.insert(25, '{"prompt": broken')
+    src = tmp_path / "x.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+
+    def options(**kw):
+        return opts(examples=ExampleOptions(format="sft"), val_fraction=0.01, batch_chars=200,
+                    commit_seconds=0, **kw)
+
+    build_store([str(src)], tmp_path / "local", options())
+    url = s3.new_bucket() + "/sft"
+    with pytest.raises(PrepError, match="malformed JSON"):
+        build_store([str(src)], url, options(strict=True))
+    storage = open_storage(url)
+    tails = max((k for k in storage.list("_build/") if "tails-" in k),
+                key=lambda k: int(k.split("-")[1].split(".")[0]))
+    with np.load(io.BytesIO(storage.read(tails))) as z:
+        assert {"held/tokens", "held/loss_mask"} <= set(z.files)
+    attrs = build_store([str(src)], url, options())
+    assert attrs["counts"]["val"]["docs"] == 1
+    assert _objects(url) == _local_files(tmp_path / "local")
+    assert verify_store(url) == []
+
+
 # --- reads ----------------------------------------------------------------------------------------
 def test_reads_equal_the_local_store_and_fetch_only_what_they_need(s3, s3_store, built_store):
     local = TokenStore.open(built_store)
@@ -230,10 +263,14 @@ def test_flipped_byte_in_an_object_names_its_chunk(s3_copy, built_store, tmp_pat
     assert "checksum mismatch" in verify_store(s3_copy)[0]
 
 
-def test_missing_metadata_object_is_named(s3_copy):
-    open_storage(s3_copy).delete(["train/tokens/zarr.json"])
-    with pytest.raises(StoreError, match=r"train/tokens/zarr.json: missing"):
+@pytest.mark.parametrize("key, what", [("train/tokens", "array 'train/tokens'"),
+                                       ("val/doc_offsets", "array 'val/doc_offsets'"),
+                                       ("val", "split 'val'")])
+def test_missing_metadata_object_is_named(s3_copy, key, what):
+    open_storage(s3_copy).delete([f"{key}/zarr.json"])
+    with pytest.raises(StoreError, match=rf"{key}/zarr.json: missing \(the metadata of {what}\)"):
         TokenStore.open(s3_copy)
+    assert f"{key}/zarr.json: missing" in verify_store(s3_copy)[0]
 
 
 def test_damaged_cache_file_is_fetched_again(s3, s3_store, built_store):

@@ -12,13 +12,17 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
 from zeroforge.data_prep.build import PrepOptions, build_store
 from zeroforge.data_prep.examples import ExampleOptions
+from zeroforge.pipeline.results.weights import read_checkpoint
+from zeroforge.pipeline.training import checkpoint as ckpt
 
-from tests.e2e.conftest import REPO, launch, losses, tiny_overrides
+from tests.e2e.conftest import PYTHON, REPO, launch, losses, tiny_overrides
 
 # Four launches per task in one fixture: more than the default 600 s on a busy 2-core machine.
 pytestmark = pytest.mark.timeout(1500)
@@ -102,3 +106,25 @@ def test_one_rank_sees_the_same_samples_and_losses(runs):
     a, b = losses(ref.metrics()), losses(one.metrics())
     for s in range(1, STEPS + 1):
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
+
+
+def test_fine_tuning_checkpoints_are_covered_by_their_manifest(runs, tmp_path):
+    """What fine-tuning adds to a checkpoint (the loader's order with the store's examples
+    description and template) is in files the manifest covers, and loads with
+    ``weights_only=True``; a flipped byte in them is refused, naming the file."""
+    task, ref, _, _ = runs
+    p = subprocess.run([PYTHON, "-m", "zeroforge.launch", "verify", str(ref.run_dir)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() and all(line.startswith("OK ") for line in p.stdout.splitlines())
+    info, _ = read_checkpoint(ref.run_dir, weights=False)
+    assert (info.data_order.get("examples") or {}).get("format") == TASKS[task][1]
+    tag = ref.run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    copy = tmp_path / "checkpoints" / tag.name
+    shutil.copytree(tag, copy)
+    states = copy / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CorruptCheckpointError, match="mp_rank_00_model_states.pt"):
+        read_checkpoint(copy, weights=False)

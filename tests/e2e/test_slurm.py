@@ -313,3 +313,25 @@ def test_prep_job_array_writes_to_object_storage(slurm_env, s3_server, tmp_path)
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_time_and_mem_checks_agree_with_sbatch(slurm_env):
+    """What `launch slurm` accepts, the real sbatch accepts (`--test-only`: nothing runs), and
+    what sbatch refuses, `launch slurm` refuses; out-of-range fields, which sbatch normalizes,
+    are refused by us on purpose (tests/launch/test_slurm_render.py)."""
+    from tests.launch.test_slurm_render import MEM_BAD, MEM_OK, TIME_BAD, TIME_OK, TIME_OUT_OF_RANGE
+
+    def sbatch_accepts(option: str) -> bool:
+        p = subprocess.run(["sbatch", "--test-only", option, "--mem=1M" if "--time" in option
+                            else "--time=1", "--wrap", "true"], capture_output=True, text=True,
+                           env={**os.environ, **slurm_env}, timeout=60)
+        return "Invalid" not in p.stderr
+
+    for value in [*TIME_OK, *TIME_OUT_OF_RANGE]:
+        assert sbatch_accepts(f"--time={value}"), value
+    for value in TIME_BAD:
+        assert not sbatch_accepts(f"--time={value}"), value
+    for value in MEM_OK:
+        assert sbatch_accepts(f"--mem={value}"), value
+    for value in MEM_BAD:
+        assert not sbatch_accepts(f"--mem={value}"), value

@@ -334,3 +334,46 @@ def test_requeue_cap(run_batch_script):
 def test_other_exits_pass_through(run_batch_script, srun_exit):
     code, _, calls = run_batch_script(srun_exit, 0)
     assert code == srun_exit and "requeue 77" not in calls
+
+
+# Accepted by sbatch (checked against a real one in tests/e2e/test_slurm.py) and by us.
+TIME_OK = {"10": 600, "10:30": 630, "1:00:00": 3600, "24:00:00": 86400, "61": 3660,
+           "2-00:00:00": 172800, "2-5": 190800, "1-23:59:59": 172799, "00:01:00": 60,
+           "0": None, "0:0": None, "UNLIMITED": None, "infinite": None}
+# Refused by sbatch ("Invalid --time specification").
+TIME_BAD = ["banana", "1:2:3:4", " 5", "1-2-3", "10:", "1h"]
+# Accepted by sbatch, which normalizes them (25:99:99 = 26:40:39), refused by us as typos.
+TIME_OUT_OF_RANGE = ["25:99:99", "1:60", "5:60", "1:59:60", "1-24", "1-24:00:00"]
+MEM_OK = ["100", "100M", "1G", "1g", "10MB", "1GB", "0", "1K", "200G"]
+MEM_BAD = ["lots", "1.5G", "-1", "1 G"]
+
+
+@pytest.mark.parametrize("text", sorted(TIME_OK))
+def test_time_limits_read_as_sbatch_reads_them(text):
+    assert slurm.time_limit_seconds(text) == TIME_OK[text]
+
+
+@pytest.mark.parametrize("text", TIME_BAD + TIME_OUT_OF_RANGE)
+def test_bad_time_limits_are_refused_naming_the_flag(text):
+    with pytest.raises(ValueError, match=r"--time '.*'"):
+        slurm.time_limit_seconds(text)
+
+
+@pytest.mark.parametrize("mem,ok", [(m, True) for m in MEM_OK] + [(m, False) for m in MEM_BAD])
+def test_mem_values(mem, ok, tmp_path):
+    opts = slurm.SbatchOptions(job_name="j", output="o", chdir=str(tmp_path), mem=mem)
+    assert (opts.problems() == []) == ok
+    if not ok:
+        assert opts.problems()[0].startswith(f"--mem {mem!r}:")
+
+
+def test_signal_grace_beyond_the_time_limit_warns(tmp_path):
+    def job(time, grace):
+        return slurm.TrainJob(config="c", overrides=[], nodes=1, ranks_per_node=1, gpus=False,
+                              sbatch=slurm.SbatchOptions(job_name="j", output="o",
+                                                         chdir=str(tmp_path), time=time),
+                              torch_extensions_dir="t", signal_grace_s=grace)
+    (warning,) = job("00:01:00", 300).warnings()
+    assert "--signal-grace 300 s is not shorter than --time 00:01:00 (60 s)" in warning
+    assert job("00:10:00", 300).warnings() == []
+    assert job(None, 300).warnings() == [] and job("UNLIMITED", 300).warnings() == []
