@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from zeroforge.pipeline.dist import free_port
+
 H100_BF16_TFLOPS = 989.0
 CACHE = Path(os.environ.get("ZEROFORGE_BENCH_CACHE",
                            Path.home() / ".cache" / "zeroforge" / "bench"))
@@ -180,8 +182,11 @@ def main() -> int:
                "--peak-tflops", str(args.peak_tflops)]
         cmd += ["--smoke"] if args.smoke else []
         cmd += [] if compile_model else ["--no-compile"]
-        # A fresh process per config: its own process group, no memory left from the last one.
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        # A fresh process per config: its own process group (on a port of its own: a port in
+        # this process's environment may be held by the caller's group), no memory left from
+        # the last one.
+        env = {**os.environ, "MASTER_PORT": str(free_port())}
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         results = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode != 0 or not results:
             failed += 1
