@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved run config and merged DeepSpeed config, exit")
     parser.add_argument("--nproc", type=int, default=1,
-                        help="ranks on this machine (started through the launcher)")
+                        help="ranks on this machine (started as --launcher says)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="zeroforge",
                         help="how --nproc > 1 ranks start: directly (zeroforge, the fastest), "
                              "through the DeepSpeed launcher, or torchrun")
